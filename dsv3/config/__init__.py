@@ -1,0 +1,7 @@
+"""Configuration: the dataclass schema, its Hydra registration and the one validation function."""
+from dsv3.config.schema import (CheckpointConfig, Config, DataConfig, KernelsConfig, ModelConfig, OptimConfig,
+                                ParallelConfig, PrecisionConfig, TrainConfig)
+from dsv3.config.validate import ConfigError, validate
+
+__all__ = ["CheckpointConfig", "Config", "ConfigError", "DataConfig", "KernelsConfig", "ModelConfig", "OptimConfig",
+           "ParallelConfig", "PrecisionConfig", "TrainConfig", "validate"]

@@ -1,0 +1,224 @@
+"""The typed configuration tree. Every knob is a field here, with its type, default and meaning.
+
+Hydra composes `configs/` on top of these dataclasses (registered in `store.py`), so a misspelt key
+or a wrongly typed value fails at composition; cross-field rules live in `validate.py`.
+Model field names follow DeepSeek's inference `ModelArgs` wherever a name exists there.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """DeepSeek-V3 architecture (MLA + DeepSeekMoE + MTP)."""
+
+    vocab_size: int = 512
+    """Vocabulary size of the embedding and output head (must match the tokenizer)."""
+    dim: int = 64
+    """Hidden size d."""
+    inter_dim: int = 128
+    """Intermediate size of the dense SwiGLU FFNs of the first `n_dense_layers` layers."""
+    moe_inter_dim: int = 32
+    """Intermediate size of one routed (and one shared) expert."""
+    n_layers: int = 2
+    """Number of transformer layers of the main model (MTP modules come on top)."""
+    n_dense_layers: int = 1
+    """The first `n_dense_layers` layers use a dense FFN instead of MoE (V3: 3)."""
+    n_heads: int = 4
+    """Attention heads."""
+    n_routed_experts: int = 8
+    """Routed experts per MoE layer (V3: 256)."""
+    n_shared_experts: int = 1
+    """Shared experts per MoE layer, applied to every token (V3: 1)."""
+    n_activated_experts: int = 2
+    """Routed experts per token, K_r (V3: 8)."""
+    n_expert_groups: int = 1
+    """Experts are split into this many equal groups for group-limited routing (V3: 8, one per node)."""
+    n_limited_groups: int = 1
+    """A token may only use experts of its `n_limited_groups` best groups (V3: 4)."""
+    score_func: str = "sigmoid"
+    """Router affinity: `sigmoid` (V3) or `softmax` (V2)."""
+    route_scale: float = 1.0
+    """Routing weights are multiplied by this after normalization (V3: 2.5)."""
+    q_lora_rank: int = 0
+    """Rank of the query compression; 0 = no compression (a full `wq`)."""
+    kv_lora_rank: int = 32
+    """Rank of the joint key/value compression (V3: 512)."""
+    qk_nope_head_dim: int = 16
+    """Per-head query/key dimensions without positional encoding (V3: 128)."""
+    qk_rope_head_dim: int = 8
+    """Per-head dimensions of the decoupled RoPE query/key (V3: 64); even."""
+    v_head_dim: int = 16
+    """Per-head value dimension (V3: 128)."""
+    max_seq_len: int = 256
+    """Longest sequence the RoPE tables are built for. YaRN applies when this exceeds `original_seq_len`."""
+    original_seq_len: int = 4096
+    """Context length the RoPE frequencies were (pre)trained for; YaRN extends beyond it."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_factor: float = 40.0
+    """YaRN scaling factor s; YaRN supports up to `original_seq_len * rope_factor` positions."""
+    beta_fast: int = 32
+    """YaRN: rotations above which a frequency is left unscaled."""
+    beta_slow: int = 1
+    """YaRN: rotations below which a frequency is fully interpolated."""
+    mscale: float = 1.0
+    """YaRN attention-temperature coefficient: softmax scale *= (0.1 * mscale * ln s + 1)^2."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    mtp_depth: int = 1
+    """Number D of multi-token-prediction modules (V3: 1); 0 disables MTP."""
+    init_std: float = 0.006
+    """Standard deviation of the normal initialization of every weight matrix (V3 report: 0.006)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the run is spread over processes. The product of the plan's sizes must equal the world size."""
+
+    dp: int = -1
+    """Data-parallel degree; -1 = whatever the world size leaves after the other dimensions."""
+    ep: int = 1
+    """Expert-parallel degree (inside the data-parallel ranks, as in V3)."""
+    pp: int = 1
+    """Pipeline-parallel degree (number of pipeline ranks)."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev."""
+    microbatches: int = 1
+    """Micro-batches per optimizer step and data-parallel rank when pipelining."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric format of the forward/backward computation."""
+
+    dtype: str = "fp32"
+    """fp32 | bf16 (autocast on GPU) | fp8 (DeepSeek-V3's fine-grained FP8 recipe)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the DeepSeek-V3 learning-rate schedule (warmup, constant, cosine decay, constant tails)."""
+
+    lr: float = 2.2e-4
+    """Peak learning rate reached at the end of warmup."""
+    min_lr: float = 2.2e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 2000
+    """Linear warmup from 0 to `lr`."""
+    constant_steps: int = 0
+    """Steps at `lr` after warmup."""
+    decay_steps: int = 0
+    """Cosine decay from `lr` to `min_lr`; 0 = no decay (the LR stays at `lr`)."""
+    tail: list[Any] = field(default_factory=list)
+    """Constant phases after the decay, as [steps, lr] pairs (V3: [[.., 2.2e-5], [.., 7.3e-6]])."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; never on norms, biases or embeddings."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    moment_dtype: str = "fp32"
+    """Dtype of AdamW's first and second moments: fp32 | bf16 (V3 keeps them in BF16)."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are cut into training sequences."""
+
+    source: str = "stdlib"
+    """`stdlib`: the embedded corpus (this Python's standard-library sources, no download);
+    `shards`: a directory written by `launch/prepare_data.py`."""
+    path: Optional[str] = None
+    """Directory of prepared shards when `source=shards`."""
+    tokenizer: Optional[str] = None
+    """A `tokenizer.json` to use for the embedded corpus; default: train a byte-level BPE of
+    `model.vocab_size` tokens on it (cached)."""
+    seq_len: int = 128
+    """Tokens per training sequence (documents are packed; each sample also carries its next token)."""
+    val_fraction: float = 0.02
+    """Share of the embedded corpus' documents held out for validation (chosen by path hash)."""
+    cache_dir: Optional[str] = None
+    """Where the embedded corpus' tokenizer and token shards are cached; default ~/.cache/dsv3."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    max_steps: int = 20
+    """Optimizer steps to run (in total, counting steps before a resume)."""
+    seed: int = 1234
+    """Seeds weights (by parameter name, so any plan gets the same values), data order and RNGs."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, whatever the plan (after the batch ramp)."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one data-parallel rank; the rest is gradient accumulation."""
+    batch_ramp_start: int = 0
+    """Global batch at step 0 when ramping (V3: 3072 -> 15360); 0 = no ramp."""
+    batch_ramp_samples: int = 0
+    """Samples consumed over which the global batch ramps linearly up to `global_batch_size`."""
+    log_every: int = 1
+    """Log a progress line and a metrics.jsonl record every this many steps."""
+    val_every: int = 0
+    """Evaluate the held-out loss every this many steps; 0 = only at the end."""
+    val_batches: int = 4
+    """Micro-batches of held-out data per evaluation."""
+    resume: str = "auto"
+    """`auto`: continue from the latest complete checkpoint in `checkpoint.dir` if any; `none`; or a path."""
+    bias_update_speed: float = 0.001
+    """Aux-loss-free balancing: gamma, the per-step bias adjustment (V3: 0.001, then 0)."""
+    bias_update_stop_step: int = -1
+    """Step from which gamma is 0 (V3 stops for the last 500B tokens); -1 = never."""
+    balance_loss_alpha: float = 0.0001
+    """Weight alpha of the sequence-wise balance loss (V3: 0.0001)."""
+    mtp_loss_weight: float = 0.3
+    """MTP weight lambda (V3: 0.3 for the first 10T tokens)."""
+    mtp_loss_weight_late: float = 0.1
+    """lambda after `mtp_loss_weight_switch_step` (V3: 0.1)."""
+    mtp_loss_weight_switch_step: int = -1
+    """Step from which lambda is `mtp_loss_weight_late`; -1 = never."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    threads: int = 0
+    """CPU intra-op threads (torch.set_num_threads); 0 = torch's default."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (torch.distributed.checkpoint), written atomically."""
+
+    dir: str = "${hydra:run.dir}/checkpoints"
+    """Directory holding one `step_XXXXXXXX` directory per complete checkpoint."""
+    every: int = 0
+    """Save every this many steps (and at the end); 0 = only at the end."""
+    keep: int = 3
+    """Keep this many most recent checkpoints; 0 = keep all."""
+    init_from: Optional[str] = None
+    """Start a fresh run from these weights: a dsv3 checkpoint or a Hugging Face DeepseekV3 directory."""
+
+
+@dataclass
+class KernelsConfig:
+    """Which implementation runs the hot ops."""
+
+    grouped_gemm: str = "auto"
+    """Routed-expert GEMMs: auto | triton | torch | reference."""
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    run_name: str = "default"
+    """Names the run directory (`runs/<run_name>` unless `hydra.run.dir` is given)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)

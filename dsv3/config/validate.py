@@ -1,0 +1,150 @@
+"""Cross-field rules of the configuration, checked once before any process does work.
+
+Each rule raises `ConfigError(key, value, allowed)`; the launcher prints its one line and exits 2.
+"""
+import os
+from typing import Any
+
+from dsv3.config.schema import Config
+
+PRECISIONS = ("fp32", "bf16", "fp8")
+SCORE_FUNCS = ("sigmoid", "softmax")
+DATA_SOURCES = ("stdlib", "shards")
+DEVICES = ("auto", "cpu", "cuda")
+MOMENT_DTYPES = ("fp32", "bf16")
+GROUPED_GEMM_IMPLS = ("auto", "triton", "torch", "reference")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value: which key, what was given, and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid config: {key}={value!r}: {allowed}")
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, value, f"must be one of {', '.join(choices)}")
+
+
+def _positive(cfg_section: Any, prefix: str, names: list[str]) -> None:
+    for name in names:
+        value = getattr(cfg_section, name)
+        _require(value > 0, f"{prefix}.{name}", value, "must be > 0")
+
+
+def validate_model(m: Any) -> None:
+    _positive(m, "model", ["vocab_size", "dim", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim",
+                           "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len", "rope_theta",
+                           "norm_eps", "init_std"])
+    _require(0 <= m.n_dense_layers <= m.n_layers, "model.n_dense_layers", m.n_dense_layers,
+             f"must be between 0 and model.n_layers ({m.n_layers})")
+    _require(m.n_dense_layers == 0 or m.inter_dim > 0, "model.inter_dim", m.inter_dim,
+             "must be > 0 when model.n_dense_layers > 0")
+    _require(m.q_lora_rank >= 0, "model.q_lora_rank", m.q_lora_rank, "must be >= 0 (0 = no query compression)")
+    _require(m.qk_rope_head_dim % 2 == 0, "model.qk_rope_head_dim", m.qk_rope_head_dim,
+             "must be even (RoPE rotates pairs)")
+    _require(m.mtp_depth >= 0, "model.mtp_depth", m.mtp_depth, "must be >= 0")
+    _one_of("model.score_func", m.score_func, SCORE_FUNCS)
+    _require(m.route_scale > 0, "model.route_scale", m.route_scale, "must be > 0")
+    has_moe = m.n_layers > m.n_dense_layers or m.mtp_depth > 0
+    if has_moe:
+        _positive(m, "model", ["moe_inter_dim", "n_routed_experts", "n_activated_experts", "n_expert_groups",
+                               "n_limited_groups"])
+        _require(m.n_shared_experts >= 0, "model.n_shared_experts", m.n_shared_experts, "must be >= 0")
+        _require(m.n_activated_experts <= m.n_routed_experts, "model.n_activated_experts", m.n_activated_experts,
+                 f"must be <= model.n_routed_experts ({m.n_routed_experts})")
+        _require(m.n_routed_experts % m.n_expert_groups == 0, "model.n_expert_groups", m.n_expert_groups,
+                 f"must divide model.n_routed_experts ({m.n_routed_experts}) into equal groups")
+        _require(m.n_limited_groups <= m.n_expert_groups, "model.n_limited_groups", m.n_limited_groups,
+                 f"must be <= model.n_expert_groups ({m.n_expert_groups})")
+        per_group = m.n_routed_experts // m.n_expert_groups
+        if m.n_expert_groups > 1:
+            # The group score is the sum of the group's top-2 biased scores (official V3 routing).
+            _require(per_group >= 2, "model.n_expert_groups", m.n_expert_groups,
+                     f"must leave >= 2 experts per group (model.n_routed_experts={m.n_routed_experts})")
+        _require(m.n_activated_experts <= m.n_limited_groups * per_group, "model.n_activated_experts",
+                 m.n_activated_experts,
+                 f"must be <= model.n_limited_groups * experts per group ({m.n_limited_groups * per_group})")
+    if m.max_seq_len > m.original_seq_len:
+        _require(m.rope_factor >= 1, "model.rope_factor", m.rope_factor, "must be >= 1")
+        limit = int(m.original_seq_len * m.rope_factor)
+        _require(m.max_seq_len <= limit, "model.max_seq_len", m.max_seq_len,
+                 f"YaRN supports at most model.original_seq_len * model.rope_factor = {limit} positions")
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Check every cross-field rule; raise ConfigError naming the first offending key."""
+    m, d, t, o, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.parallel
+    validate_model(m)
+
+    _one_of("precision.dtype", cfg.precision.dtype, PRECISIONS)
+    _require(cfg.precision.dtype != "fp8", "precision.dtype", cfg.precision.dtype,
+             "fp8 training is not available yet; use fp32 or bf16")
+    _one_of("kernels.grouped_gemm", cfg.kernels.grouped_gemm, GROUPED_GEMM_IMPLS)
+
+    _one_of("data.source", d.source, DATA_SOURCES)
+    _require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
+    _require(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
+             f"must be <= model.max_seq_len ({m.max_seq_len}), the length RoPE/YaRN is built for")
+    if d.source == "shards":
+        _require(d.path is not None and os.path.isfile(os.path.join(str(d.path), "meta.json")), "data.path", d.path,
+                 "must be a directory written by launch/prepare_data.py (with meta.json)")
+    if d.tokenizer is not None:
+        _require(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer, "must be an existing tokenizer.json")
+    _require(0 < d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
+
+    _one_of("optim.moment_dtype", o.moment_dtype, MOMENT_DTYPES)
+    _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
+    _require(0 <= o.min_lr <= o.lr, "optim.min_lr", o.min_lr, f"must be between 0 and optim.lr ({o.lr})")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
+             "must be two numbers in [0, 1)")
+    for key in ("warmup_steps", "constant_steps", "decay_steps"):
+        _require(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "must be >= 0")
+    _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    for phase in o.tail:
+        _require(len(phase) == 2 and phase[0] >= 0 and phase[1] >= 0, "optim.tail", list(o.tail),
+                 "must be a list of [steps, lr] pairs")
+
+    _require(p.ep == 1, "parallel.ep", p.ep, "expert parallelism is not available yet; use 1")
+    _require(p.pp == 1, "parallel.pp", p.pp, "pipeline parallelism is not available yet; use 1")
+    dp = world_size if p.dp == -1 else p.dp
+    _require(dp >= 1 and dp * p.pp == world_size, "parallel.dp", p.dp,
+             f"dp * pp must equal the world size ({world_size}); -1 infers dp")
+
+    _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
+    _require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "must be > 0")
+    unit = t.micro_batch_size * dp
+    _require(t.global_batch_size > 0 and t.global_batch_size % unit == 0, "train.global_batch_size",
+             t.global_batch_size, f"must be a positive multiple of micro_batch_size * dp ({unit})")
+    if t.batch_ramp_start:
+        _require(0 < t.batch_ramp_start <= t.global_batch_size and t.batch_ramp_start % unit == 0,
+                 "train.batch_ramp_start", t.batch_ramp_start,
+                 f"must be a multiple of micro_batch_size * dp ({unit}) and <= train.global_batch_size")
+        _require(t.batch_ramp_samples > 0, "train.batch_ramp_samples", t.batch_ramp_samples,
+                 "must be > 0 when train.batch_ramp_start is set")
+    _require(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
+    _require(t.val_every >= 0, "train.val_every", t.val_every, "must be >= 0")
+    _require(t.val_batches > 0, "train.val_batches", t.val_batches, "must be > 0")
+    _one_of("train.device", t.device, DEVICES)
+    if t.device == "cuda":
+        import torch
+
+        _require(torch.cuda.is_available(), "train.device", t.device, "no CUDA device is visible; use cpu or auto")
+    if t.resume not in ("auto", "none"):
+        _require(os.path.isdir(t.resume), "train.resume", t.resume, "must be auto, none or an existing checkpoint")
+    _require(t.bias_update_speed >= 0, "train.bias_update_speed", t.bias_update_speed, "must be >= 0")
+    _require(t.balance_loss_alpha >= 0, "train.balance_loss_alpha", t.balance_loss_alpha, "must be >= 0")
+
+    c = cfg.checkpoint
+    _require(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
+    _require(c.keep >= 0, "checkpoint.keep", c.keep, "must be >= 0 (0 = keep all)")
+    if c.init_from is not None:
+        _require(os.path.isdir(c.init_from), "checkpoint.init_from", c.init_from,
+                 "must be a dsv3 checkpoint or a Hugging Face DeepseekV3 directory")

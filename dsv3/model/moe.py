@@ -1,0 +1,158 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts with sigmoid gating, group-limited top-k,
+aux-loss-free bias balancing and the sequence-wise balance loss (DeepSeek-V3 report, section 2.1.2).
+
+The routed experts always run grouped: (token, k) pairs are sorted by expert by a *token dispatcher*
+and all experts are computed by one grouped GEMM per projection. The default dispatcher is local;
+an expert-parallel plan swaps in one that exchanges rows between ranks. The model never knows which.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config.schema import ModelConfig
+from dsv3.kernels import ops
+
+
+class FeedForward(nn.Module):
+    """SwiGLU FFN: w2(silu(w1 x) * w3 x). Used for the dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """The router. Selection uses score + bias; the weights use the unbiased scores (official V3 routing)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.n_limited_groups
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # b_i of aux-loss-free balancing: adjusted by the trainer after each step, never by gradients.
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # Tokens routed to each expert since the trainer last read it (training forwards only).
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, dim] -> (weights [T, K] fp32, expert indices [T, K], scores [T, E] fp32)."""
+        with torch.autocast(x.device.type, enabled=False):  # gating stays in fp32 (V3 report, 3.3.1)
+            logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        biased = scores.detach() + self.bias
+        if self.n_groups > 1:
+            grouped = biased.unflatten(-1, (self.n_groups, -1))
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices
+            masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            biased = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = biased.topk(self.topk, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights * self.route_scale
+        if self.training and torch.is_grad_enabled():
+            self.expert_load += torch.bincount(indices.flatten(), minlength=self.expert_load.numel())
+        return weights, indices, scores
+
+
+class Experts(nn.Module):
+    """The routed experts as 3-D weights: w13 [E, 2*inter, dim] (gate rows, then up rows), w2 [E, dim, inter]."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, impl: str = "torch"):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.impl = impl
+        # Global index of local expert 0; an expert-parallel plan that keeps a slice of the experts sets it,
+        # so that initialization (seeded per global expert) does not depend on the plan.
+        self.expert_offset = 0
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return ops.expert_swiglu_mlp(x, self.w13, self.w2, offsets, self.impl)
+
+
+class LocalTokenDispatcher:
+    """Sorts the (token, k) pairs of one process by expert, and puts the expert outputs back."""
+
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor):
+        """x [T, dim], indices [T, K] -> (rows [T*K, dim] expert-major, offsets [E] int32, state for combine)."""
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)  # stable: a deterministic row order
+        offsets = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
+        return x[order // indices.shape[1]], offsets, order
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """y [T*K, dim] expert-major, weights [T, K] -> out[t] = sum_k weights[t, k] * y[t, k], fp32 sums."""
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        per_token = y[inverse].unflatten(0, weights.shape).float()
+        return (per_token * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on `y` whose backward also feeds d(coeff * aux)/d(aux) = coeff into `aux`'s graph.
+
+    This adds coeff * aux to the training objective without threading the loss through every layer's
+    return value, so pipeline stages stay tensor-in, tensor-out."""
+
+    @staticmethod
+    def forward(ctx, y, aux, coeff):
+        ctx.coeff = coeff
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        shape, dtype, device = ctx.aux_meta
+        return grad_y, torch.full(shape, ctx.coeff, dtype=dtype, device=device), None
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_activated: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss sum_i f_i P_i, averaged over sequences (V3 eq. 17-20)."""
+    n_experts = scores.shape[-1]
+    probs = (scores / scores.sum(dim=-1, keepdim=True)).unflatten(0, (batch, -1))  # [B, S, E]
+    seq_len = probs.shape[1]
+    hits = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
+    hits.scatter_add_(1, indices.view(batch, -1), torch.ones_like(indices.view(batch, -1), dtype=scores.dtype))
+    f = hits * n_experts / (n_activated * seq_len)
+    return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, grouped_gemm: str = "torch"):
+        super().__init__()
+        self.n_activated = cfg.n_activated_experts
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, grouped_gemm)
+        self.shared_experts = (FeedForward(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
+                               if cfg.n_shared_experts > 0 else None)
+        self.dispatcher = LocalTokenDispatcher(cfg.n_routed_experts)
+        # alpha times the loss scale of the current micro-batch; set by the trainer. 0 = no balance loss.
+        self.balance_loss_coeff = 0.0
+        self.last_balance_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, indices, scores = self.gate(flat)
+        rows, offsets, state = self.dispatcher.dispatch(flat, indices)
+        y = self.dispatcher.combine(self.experts(rows, offsets), weights, state)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if self.training and self.balance_loss_coeff > 0 and torch.is_grad_enabled():
+            aux = sequence_balance_loss(scores, indices, B, self.n_activated)
+            self.last_balance_loss = aux.detach()
+            y = _AttachAuxLoss.apply(y, aux, self.balance_loss_coeff)
+        return y.view(B, S, D)

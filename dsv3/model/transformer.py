@@ -1,0 +1,108 @@
+"""The DeepSeek-V3 transformer: embedding, blocks (MLA + dense FFN or MoE), final norm, output head, and
+the multi-token-prediction modules that share the embedding and the head.
+
+Layers live in a ModuleDict keyed by their global index, so parameter names ("layers.7.attn.wq_a.weight")
+are the same whether a pipeline stage holds all layers or a slice of them.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config.schema import ModelConfig
+from dsv3.model.mla import MLA
+from dsv3.model.moe import FeedForward, MoE
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig, grouped_gemm: str = "torch"):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = (FeedForward(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers
+                    else MoE(cfg, grouped_gemm))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPModule(nn.Module):
+    """Depth-k MTP module: h' = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)], then a transformer block.
+
+    The concatenation puts the embedding first, as DeepSeek's released checkpoints lay out `eh_proj`
+    (the report writes the pair the other way round; the two differ only by a column permutation of M_k).
+    """
+
+    def __init__(self, layer_id: int, cfg: ModelConfig, grouped_gemm: str = "torch"):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(layer_id, cfg, grouped_gemm)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # before the shared output head
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin)
+
+
+@dataclass
+class LossParts:
+    """Unweighted training losses of one micro-batch; the trainer applies lambda (and alpha is in the MoE)."""
+
+    main: torch.Tensor
+    mtp: list[torch.Tensor]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, grouped_gemm: str = "torch"):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(i, cfg, grouped_gemm) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg, grouped_gemm) for k in range(cfg.mtp_depth))
+        self.rope = RotaryEmbedding(cfg)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> last hidden state [B, S, dim] before the final norm."""
+        cos, sin = self.rope(tokens.shape[1])
+        h = self.embed(tokens)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        return h
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] -> next-token logits [B, S, vocab]."""
+        return self.head(self.norm(self.hidden(tokens)))
+
+    def losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> LossParts:
+        """Cross-entropy of the main head and of every MTP depth. labels[:, i] is the token after tokens[:, i].
+
+        Depth k predicts the token k+1 ahead; its sequence is cut by k at the end, where that token is unknown."""
+        h = self.hidden(tokens)
+        return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels))
+
+    def main_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(self.head(self.norm(h)), labels)
+
+    def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            length = tokens.shape[1] - k
+            cos, sin = self.rope(length)
+            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin)
+            losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:]))
+        return losses
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
