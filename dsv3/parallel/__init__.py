@@ -1,0 +1,1 @@
+"""Parallel plans, applied to the model from outside: process groups, data/expert/pipeline parallelism."""

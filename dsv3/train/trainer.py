@@ -1,0 +1,177 @@
+"""The pretraining loop: data by global sample index, gradient accumulation, AdamW with the V3 schedules,
+aux-loss-free bias updates, periodic validation, metrics and atomic checkpoints.
+
+Per-step losses do not depend on the plan: the global batch of a step is the same set of samples
+however it is split over ranks and micro-batches, every micro-batch has the same number of tokens,
+and each rank's share is weighted so that the gradients average to the whole batch's mean loss.
+"""
+import contextlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from dsv3.config.schema import Config
+from dsv3.data import GlobalSampler, PackedDataset, shard_directory
+from dsv3.kernels.ops import resolve_grouped_gemm_impl
+from dsv3.model import Transformer, init_weights
+from dsv3.parallel.data_parallel import average_gradients
+from dsv3.parallel.mesh import Env, all_reduce_mean, all_reduce_sum
+from dsv3.train import schedules
+from dsv3.train.balance import update_router_biases
+from dsv3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.train.metrics import MetricsLogger
+from dsv3.train.optim import DTYPES, AdamW, parameter_groups
+from dsv3.train.weights import load_initial_weights
+
+log = logging.getLogger("dsv3")
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    consumed_samples: int = 0
+
+
+def build_model(cfg: Config, device: torch.device) -> Transformer:
+    compute_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
+    impl = resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, device, compute_dtype)
+    model = Transformer(cfg.model, grouped_gemm=impl)
+    init_weights(model, seed=cfg.train.seed, std=cfg.model.init_std)
+    return model.to(device)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str, env: Env):
+        self.cfg, self.run_dir, self.env = cfg, run_dir, env
+        t = cfg.train
+        self.dp = env.world_size // cfg.parallel.pp
+        self.dp_rank = env.rank % self.dp
+        if t.threads > 0:
+            torch.set_num_threads(t.threads)
+        torch.manual_seed(t.seed)
+
+        shards = shard_directory(cfg.data, cfg.model.vocab_size)
+        self.train_data = PackedDataset(shards, "train", cfg.data.seq_len)
+        self.val_data = PackedDataset(shards, "val", cfg.data.seq_len)
+        self.sampler = GlobalSampler(len(self.train_data), t.seed)
+
+        self.model = build_model(cfg, env.device)
+        self.moe_layers = self.model.moe_layers()
+        o = cfg.optim
+        self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                               moment_dtype=DTYPES[o.moment_dtype])
+        self.state = TrainState()
+        self.autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.precision.dtype == "bf16"
+                         else contextlib.nullcontext())
+        self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps)
+        self._restore()
+        if env.is_main:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            log.info("model: %.2fM parameters, %d MoE layers; data: %d train / %d val samples of %d tokens; "
+                     "device %s, %s, world size %d", n_params / 1e6, len(self.moe_layers), len(self.train_data),
+                     len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype, env.world_size)
+
+    # -- state -------------------------------------------------------------------------------------------
+    def _restore(self) -> None:
+        c, resume = self.cfg.checkpoint, self.cfg.train.resume
+        path = latest_checkpoint(c.dir) if resume == "auto" else (None if resume == "none" else resume)
+        if path is not None:
+            saved = load_checkpoint(path, self.model, self.optimizer)
+            self.state = TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
+            log.info("resumed from %s at step %d", path, self.state.step)
+        elif c.init_from is not None:
+            load_initial_weights(c.init_from, self.model, self.cfg.model)
+            log.info("initialized weights from %s", c.init_from)
+
+    def save(self) -> None:
+        path = save_checkpoint(self.cfg.checkpoint.dir, self.state.step, self.model, self.optimizer,
+                               asdict(self.state), OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+                               keep=self.cfg.checkpoint.keep)
+        log.info("saved %s", path)
+
+    # -- steps -------------------------------------------------------------------------------------------
+    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.train_data.batch(self.sampler(first, count)).to(self.env.device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def train_step(self) -> dict:
+        cfg, t, st = self.cfg, self.cfg.train, self.state
+        unit = t.micro_batch_size * self.dp
+        batch_size = schedules.global_batch_size(st.consumed_samples, t, unit)
+        n_micro = batch_size // unit
+        lam = schedules.mtp_weight(st.step, t)
+        for moe in self.moe_layers:  # alpha, scaled like the micro-batch's share of the loss
+            moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
+        self.model.train()
+        sums = torch.zeros(3, device=self.env.device)  # main CE, MTP CE (mean over depths), balance loss
+        first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
+        for j in range(n_micro):
+            tokens, labels = self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
+            with self.autocast:
+                parts = self.model.losses(tokens, labels)
+            mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
+            ((parts.main + lam * mtp) / n_micro).backward()
+            balance = sum((m.last_balance_loss.to(sums.device) for m in self.moe_layers), torch.zeros_like(sums[0]))
+            sums += torch.stack([parts.main.detach().float(), mtp.detach().float(), balance]) / n_micro
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        average_gradients(params)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0
+                     else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        lr = schedules.learning_rate(st.step, cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t), all_reduce_sum)
+
+        all_reduce_mean(sums)
+        st.step += 1
+        st.consumed_samples += batch_size
+        return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
+                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss on a fixed slice of the held-out split (the same samples for every plan)."""
+        t = self.cfg.train
+        n = min(len(self.val_data), t.val_batches * t.micro_batch_size * self.dp)
+        mine = list(range(self.dp_rank, n, self.dp))
+        self.model.eval()
+        total = torch.zeros(2, device=self.env.device)
+        for i in range(0, len(mine), t.micro_batch_size):
+            batch = self.val_data.batch(mine[i:i + t.micro_batch_size]).to(self.env.device)
+            with self.autocast:
+                loss = self.model.main_loss(self.model.hidden(batch[:, :-1]), batch[:, 1:])
+            total += torch.stack([loss.float() * batch.shape[0], torch.tensor(float(batch.shape[0]))])
+        all_reduce_sum(total)
+        return (total[0] / total[1]).item()
+
+    def run(self) -> None:
+        t, c = self.cfg.train, self.cfg.checkpoint
+        if self.state.step >= t.max_steps:
+            log.info("nothing to do: step %d >= train.max_steps=%d", self.state.step, t.max_steps)
+        while self.state.step < t.max_steps:
+            start = time.time()
+            metrics = self.train_step()
+            elapsed = time.time() - start
+            metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
+            metrics["step_time_s"] = elapsed
+            step = self.state.step
+            last = step == t.max_steps
+            if (t.val_every and step % t.val_every == 0) or last:
+                metrics["val_loss"] = self.evaluate()
+            if step % t.log_every == 0 or last or "val_loss" in metrics:
+                self.metrics.log(step, metrics)
+            if (c.every and step % c.every == 0) or last:
+                self.save()
+        self.metrics.close()
+
+
+def train(cfg: Config, run_dir: str, env: Env) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    Trainer(cfg, run_dir, env).run()

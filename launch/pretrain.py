@@ -1,0 +1,44 @@
+"""Pretrain a DeepSeek-V3-architecture model.
+
+    torchrun --nproc_per_node=1 launch/pretrain.py +experiment=moe_small
+
+Under torchrun every rank composes the same config; the run directory defaults to runs/<run_name>
+(never a timestamp), so all ranks agree on it. Override with hydra.run.dir=... on every rank alike.
+"""
+import os
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dsv3.config.store import register, to_config  # noqa: E402
+from dsv3.launch_utils import setup_logging, validate_or_exit  # noqa: E402
+
+register()
+
+
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(dcfg: DictConfig) -> None:
+    cfg = to_config(dcfg)
+    validate_or_exit(cfg)
+    run_dir = HydraConfig.get().runtime.output_dir
+    setup_logging(run_dir)
+
+    from dsv3.parallel.mesh import init_env
+    from dsv3.train.trainer import train
+
+    env = init_env(cfg.train.device)
+    try:
+        train(cfg, run_dir, env)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
