@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from typing import Optional
 
 import torch
@@ -19,6 +20,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from dsv3.parallel.mesh import barrier
 
 log = logging.getLogger(__name__)
+# DCP warns on every single-process save/load that it is "assuming the intent" of a single process: it is.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 

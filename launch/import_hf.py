@@ -1,0 +1,45 @@
+"""Turn a Hugging Face DeepseekV3 directory into a dsv3 checkpoint (weights only) and print the model config.
+
+    python launch/import_hf.py hf_dir/ ckpt/
+    torchrun ... launch/pretrain.py model=... checkpoint.init_from=ckpt/
+
+(`checkpoint.init_from` also accepts the HF directory itself.) MTP layers present in the HF files
+(model.layers.{n_layers + k}.*) are imported; without them the MTP depth is set to 0.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch.distributed.checkpoint as dcp
+import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dsv3.model import Transformer  # noqa: E402
+from dsv3.model.hf_format import from_hf_state_dict, load_hf, model_config_from_hf  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    args = p.parse_args(argv)
+    hf_cfg, tensors = load_hf(args.hf_dir)
+    cfg = model_config_from_hf(hf_cfg)
+    if not any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in tensors):
+        cfg = dataclasses.replace(cfg, mtp_depth=0)
+    sd = from_hf_state_dict(cfg, tensors)
+    model = Transformer(cfg)
+    model.load_state_dict(sd, strict=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=args.out_dir)
+    with open(os.path.join(args.out_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump({"model": dataclasses.asdict(cfg)}, f, sort_keys=False)
+    print(f"wrote {args.out_dir}; model config:")
+    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Running the real entry points as users do: subprocesses, with their exit codes and run directories."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
+
+
+def pretrain_cmd(run_dir: str, *overrides: str) -> list[str]:
+    # One thread per process: tests run next to each other on 2 cores, and oversubscribed OpenMP
+    # threads spin rather than sleep.
+    return [sys.executable, PRETRAIN, f"hydra.run.dir={run_dir}", "train.threads=1", *overrides]
+
+
+def run_pretrain(run_dir: str, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(pretrain_cmd(run_dir, *overrides), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
