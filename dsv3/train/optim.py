@@ -29,13 +29,13 @@ class AdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
                 state = self.state[p]
-                if not state:
+                if not state:  # for every parameter, so that checkpoints always hold the same keys
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+                if p.grad is None:
+                    continue
                 state["step"] += 1
                 t = state["step"].item()
                 g = p.grad.float()
