@@ -74,8 +74,8 @@ def dispatch_layout(topk_idx: torch.Tensor, n_experts: int, n_ranks: int, align:
 
 def _take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x[rows] with -1 giving a zero row; differentiable through torch's indexing."""
-    taken = x[rows.clamp(min=0)]
-    return torch.where((rows >= 0).unsqueeze(1), taken, torch.zeros((), dtype=x.dtype, device=x.device))
+    with_zero_row = torch.cat([x.new_zeros(1, x.shape[1]), x])
+    return with_zero_row[rows + 1]
 
 
 def gather_rows(x: torch.Tensor, src_row: torch.Tensor, row_scale: torch.Tensor | None = None,
