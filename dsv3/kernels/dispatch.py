@@ -66,7 +66,7 @@ class DispatchLayout:
 
 
 def dispatch_layout(topk_idx: torch.Tensor, n_experts: int, n_ranks: int, align: int = 1,
-                    chunk: int = 256) -> DispatchLayout:
+                    chunk: int = 64) -> DispatchLayout:
     """Counting-sort layout of `topk_idx` by destination rank (deterministic, see the module doc).
 
     Raises on ids outside [-1, n_experts) and on an expert repeated within a token's row. `align`

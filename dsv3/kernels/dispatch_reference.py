@@ -31,7 +31,7 @@ def _check_topk(topk_idx: torch.Tensor, n_experts: int, n_ranks: int) -> None:
 
 
 def dispatch_layout(topk_idx: torch.Tensor, n_experts: int, n_ranks: int, align: int = 1,
-                    chunk: int = 256) -> DispatchLayout:
+                    chunk: int = 64) -> DispatchLayout:
     """Rank by rank: the tokens that need it in token order, then the entries on it in (t, k) order."""
     del chunk  # a speed knob of the kernel
     _check_topk(topk_idx, n_experts, n_ranks)
