@@ -16,7 +16,7 @@ row's experts local to this rank, -1 elsewhere). The same layout with one "rank"
 regroups them expert-major, and its `pair_row` lists the rows the source expects back, in order:
     em = dispatch_layout(recv_topk, n_local_experts, n_local_experts, align=gemm_alignment)
     x_em = permute(recv_x, em.send_token, em.token_row)        # expert e: rows ..em.rank_offsets[e]
-    y_em = experts(x_em, em.rank_offsets)
+    y_em = experts(x_em, em.rank_offsets.int())               # grouped-GEMM offsets
     back = em.pair_row[recv_topk >= 0]                         # (source, row, k) order
     y_ret = permute(y_em, back, invert_index(back, y_em.shape[0]).unsqueeze(1))
 tests/csrc/test_ep_roundtrip.py runs this whole path for several simulated ranks.
@@ -54,7 +54,7 @@ class DispatchLayout:
     tokens_per_expert: torch.Tensor  # [E] routed entries per expert
     tokens_per_rank: torch.Tensor    # [R] distinct tokens per rank (a token counts once per rank)
     token_in_rank: torch.Tensor      # [T, R] bool
-    token_row: torch.Tensor          # [T, R] send row of token t in rank r's segment, or -1
+    token_row: torch.Tensor          # [T, R] send-buffer row holding token t for rank r, or -1
     send_token: torch.Tensor         # [S] token of each send row, -1 for padding rows
     send_topk: torch.Tensor          # [S, K] the row's experts local to its rank (id - r*E/R), else -1
     rank_offsets: torch.Tensor       # [R] cumulative ends of the (padded) send segments; S = [-1]
