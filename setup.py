@@ -1,9 +1,62 @@
-"""Build and install dsv3.
+"""Build and install dsv3, including the `csrc/` dispatch/combine extension `dsv3._dispatch_ext`.
 
-The `csrc/` dispatch/combine extension is added here once it exists (expert-parallel issue): on a
-CUDA build of torch as a CUDAExtension, on a CPU build as a CppExtension of the same sources.
+The extension is compiled against the torch that is already installed, so install torch first and
+build without isolation (an isolated build would download its own, CUDA, torch):
+
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+
+On a CUDA build of torch (with nvcc found) it is a CUDAExtension running on cpu and cuda tensors;
+on a CPU build of torch, which cannot link CUDA extensions, a CppExtension of the same kernels
+(the host launcher, an OpenMP loop). DSV3_BUILD_CUDA=0 forces the CPU-only build; =1 requires CUDA.
 """
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError:
+    sys.exit(
+        "dsv3 builds the C++ extension dsv3._dispatch_ext against the installed torch, but torch is not "
+        "importable here. Install torch first, then build without isolation:\n"
+        "    pip install torch==2.13.0 && pip install --no-build-isolation -e ."
+    )
+
+
+def dispatch_extension():
+    """The csrc/ extension: CUDA where torch and the toolkit have it, else the host build."""
+    want = os.environ.get("DSV3_BUILD_CUDA", "auto")
+    if want not in ("auto", "0", "1"):
+        sys.exit(f"DSV3_BUILD_CUDA={want!r} is not one of auto, 0, 1")
+    torch_cuda = torch.version.cuda is not None
+    if want == "1" and not (torch_cuda and CUDA_HOME):
+        sys.exit(f"DSV3_BUILD_CUDA=1 but torch {torch.__version__} has CUDA {torch.version.cuda} and "
+                 f"CUDA_HOME is {CUDA_HOME}: both are needed for the CUDA build")
+    if want == "auto" and torch_cuda and not CUDA_HOME:
+        sys.exit(f"torch {torch.__version__} is a CUDA build but no CUDA toolkit (nvcc) was found: install "
+                 "it (or set CUDA_HOME), or set DSV3_BUILD_CUDA=0 for the CPU-only kernels")
+    with_cuda = want != "0" and torch_cuda
+
+    # -ffp-contract=off: no fused multiply-adds on the host, so the host kernels round exactly like
+    # the plain-PyTorch twins and the tests can compare bit for bit.
+    # (No -std flag: torch's headers set the standard they need; the kernels are C++17.)
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # The rpath lets `import dsv3._dispatch_ext` find libc10/libtorch (and torch's libgomp, so both
+    # share one OpenMP runtime and torch.set_num_threads governs the kernels) before torch is imported.
+    link = ["-fopenmp", f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"]
+    sources = ["csrc/dispatch_binding.cpp", "csrc/launch_host.cpp"]
+    if with_cuda:
+        return CUDAExtension(
+            "dsv3._dispatch_ext",
+            sources + ["csrc/launch_cuda.cu"],
+            define_macros=[("DSV3_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_link_args=link,
+        )
+    return CppExtension("dsv3._dispatch_ext", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
+
 
 setup(
     name="dsv3",
@@ -26,4 +79,6 @@ setup(
         "test": ["pytest>=8", "transformers>=4.57", "triton>=3.2"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
     },
+    ext_modules=[dispatch_extension()],
+    cmdclass={"build_ext": BuildExtension},
 )
