@@ -22,3 +22,22 @@ def run_pretrain(run_dir: str, *overrides: str, timeout: int = 600) -> subproces
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def torchrun_cmd(nproc: int, run_dir: str, *overrides: str) -> list[str]:
+    """The same entry point under torchrun (--standalone picks a free rendezvous port)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            PRETRAIN, f"hydra.run.dir={run_dir}", "train.threads=1", *overrides]
+
+
+def run_torchrun(nproc: int, run_dir: str, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(torchrun_cmd(nproc, run_dir, *overrides), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def assert_same_losses(reference: list[dict], other: list[dict], rtol: float, keys=("loss", "mtp_loss")) -> None:
+    assert [m["step"] for m in reference] == [m["step"] for m in other]
+    for a, b in zip(reference, other):
+        for k in keys:
+            assert abs(a[k] - b[k]) <= rtol * abs(a[k]), (a["step"], k, a[k], b[k])
