@@ -257,15 +257,15 @@ def validate_schedule(sched: Schedule) -> None:
         for pos, ins in enumerate(instrs):
             for part in ins.parts() if ins.is_compute else ():
                 key = (part.op, part.stage, part.mb)
-                if key in seen:
-                    raise ScheduleError(f"{sched.name}: {part!r} appears twice "
-                                        f"(rank {seen[key][0]} and rank {rank})")
                 if not (0 <= part.stage < sched.n_stages and 0 <= part.mb < sched.microbatches):
                     raise ScheduleError(f"{sched.name}: {part!r} is out of range "
                                         f"(S={sched.n_stages}, m={sched.microbatches})")
                 if sched.rank_of(part.stage, part.mb) != rank:
                     raise ScheduleError(f"{sched.name}: {part!r} on rank {rank}, its route says "
                                         f"rank {sched.rank_of(part.stage, part.mb)}")
+                if key in seen:
+                    raise ScheduleError(f"{sched.name}: {part!r} appears twice "
+                                        f"(on rank {rank})")
                 seen[key] = (rank, pos)
     for s in range(sched.n_stages):
         for m in range(sched.microbatches):

@@ -258,3 +258,15 @@ def _sgd(modules, lr: float) -> None:
                 if p.grad is not None:
                     p -= lr * p.grad
                 p.grad = None
+
+
+def pipeline_cases_worker(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """`pipeline_train_worker` for several cases in one process group (launching costs seconds)."""
+    return [pipeline_train_worker(rank, world_size, case) for case in cases]
+
+
+def deadlock_worker(rank: int, world_size: int) -> None:
+    """Both ranks wait to receive first: never finishes (tests that the launcher's deadline works)."""
+    import torch.distributed as dist
+
+    dist.recv(torch.empty(1), src=1 - rank)
