@@ -93,11 +93,14 @@ class StepResult:
     aux_losses: unscaled aux losses returned by stages here, summed per micro-batch.
     timeline: (instruction, start, end) in seconds from the step's start, for every compute
         instruction; `idle` = step time - busy time.
+    t0: `time.perf_counter()` at the step's start (CLOCK_MONOTONIC on Linux, so ranks on one
+        host can be put on one time axis); wall: the step's duration on this rank.
     """
 
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     aux_losses: dict[int, torch.Tensor] = field(default_factory=dict)
     timeline: list[tuple[Instr, float, float]] = field(default_factory=list)
+    t0: float = 0.0
     wall: float = 0.0
 
     @property
@@ -174,15 +177,13 @@ class PipelineExecutor:
         self._recvs: dict[tuple, tuple[Any, torch.Tensor]] = {}
         self._local: dict[tuple, torch.Tensor] = {}     # tensors between two stages of this rank
         self._sends: list[tuple[Any, torch.Tensor]] = []
-        self._result = StepResult()
         self._t0 = time.perf_counter()
+        self._result = StepResult(t0=self._t0)
         for item in comm_batches(self.schedule.ranks[self.rank]):
             if isinstance(item, list):
                 self._post(item)
             else:
-                start = time.perf_counter() - self._t0
                 self._compute(item)
-                self._result.timeline.append((item, start, time.perf_counter() - self._t0))
         for work, _ in self._sends:
             work.wait()
         self._result.wall = time.perf_counter() - self._t0
@@ -246,6 +247,8 @@ class PipelineExecutor:
                 ops.append(dist.P2POp(dist.irecv, buf, peer, self.group, tag=tag))
             else:
                 ops.append(dist.P2POp(dist.isend, self._outgoing(ins), peer, self.group, tag=tag))
+        # sent tensors must live until their send completes; drop the ones that have
+        self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
         works = dist.batch_isend_irecv(ops)
         for ins, work, op in zip(batch, works, ops):
             if ins.op in (Op.RECV_ACT, Op.RECV_GRAD):
@@ -280,37 +283,51 @@ class PipelineExecutor:
 
     # ----------------------------------------------------------------------------------------
     def _compute(self, ins: Instr) -> None:
+        """Wait for the instruction's inputs (idle time), then run it (busy time, recorded)."""
         if ins.op is Op.FB:
             f, b = ins.pair
-            fwd = ForwardTask(self.stages[f.stage], f.mb, None, lambda: self._forward(f))
+            x, grads = self._forward_input(f), self._backward_grads(b)
             chunk = self._chunks[(b.stage, b.mb)]
-            grads = self._backward_grads(b)
-            bwd = BackwardTask(self.stages[b.stage], b.mb, chunk.outputs, grads, chunk.input,
-                               lambda: self._backward(b, grads))
             done = []
-            fwd.run = lambda run=fwd.run: (run(), done.append("F"))
-            bwd.run = lambda run=bwd.run: (run(), done.append("B"))
-            self.overlap(fwd, bwd)
-            if sorted(done) != ["B", "F"]:
-                raise RuntimeError(f"the overlap hook must run both tasks of {ins!r} exactly "
-                                   f"once; it ran {done}")
+
+            def run_f():
+                self._forward(f, x)
+                done.append("F")
+
+            def run_b():
+                self._backward(b, grads)
+                done.append("B")
+
+            fwd = ForwardTask(self.stages[f.stage], f.mb, x, run_f)
+            bwd = BackwardTask(self.stages[b.stage], b.mb, chunk.outputs, grads, chunk.input, run_b)
+            run = lambda: self.overlap(fwd, bwd)  # noqa: E731
         elif ins.op is Op.F:
-            self._forward(ins)
+            x = self._forward_input(ins)
+            run = lambda: self._forward(ins, x)  # noqa: E731
         elif ins.op in (Op.B, Op.I):
-            self._backward(ins, self._backward_grads(ins))
+            grads = self._backward_grads(ins)
+            run = lambda: self._backward(ins, grads)  # noqa: E731
         elif ins.op is Op.W:
-            chunk = self._chunks.pop((ins.stage, ins.mb))
-            chunk.job.run()
+            run = self._chunks.pop((ins.stage, ins.mb)).job.run
         else:
             raise AssertionError(f"not a compute instruction: {ins!r}")
+        start = time.perf_counter() - self._t0
+        run()
+        self._result.timeline.append((ins, start, time.perf_counter() - self._t0))
+        if ins.op is Op.FB and sorted(done) != ["B", "F"]:
+            raise RuntimeError(f"the overlap hook must run both tasks of {ins!r} exactly once; "
+                               f"it ran {done}")
 
-    def _forward(self, ins: Instr) -> None:
+    def _forward_input(self, ins: Instr) -> Any:
+        s, m = ins.stage, ins.mb
+        if s == 0:
+            return self._inputs[m]
+        # a leaf of this stage's graph: its .grad is what goes back to the previous stage
+        return self._receive(("act", s - 1, m), self.schedule.route(m)[s - 1]).requires_grad_()
+
+    def _forward(self, ins: Instr, x: Any) -> None:
         s, m = ins.stage, ins.mb
         stage, route, last = self.stages[s], self.schedule.route(m), self.schedule.n_stages - 1
-        if s == 0:
-            x = self._inputs[m]
-        else:
-            x = self._receive(("act", s - 1, m), route[s - 1]).requires_grad_()
         out = stage.module(x)
         out, aux = out if isinstance(out, tuple) else (out, None)
         if aux is not None:

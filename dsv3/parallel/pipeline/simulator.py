@@ -1,18 +1,26 @@
 """Simulate a `Schedule`: timeline, idle time and bubble per rank, peak memory per rank.
 
-Cost model (the one under which the V3 report's Table 2 holds):
+Cost model:
 - every chunk of every stage costs the same: F forward, B full backward, W weight backward,
-  I = B - W input backward, and an overlapped F&B pair costs `FB` (the report assumes the overlap
-  hides communication, so F&B <= F + B);
+  I = B - W input backward, and an overlapped F&B pair costs `FB` (F&B <= F + B when the
+  overlap hides communication);
 - a rank runs its instructions in list order, one at a time; a chunk starts when the rank is free
   and its inputs have arrived; a tensor sent to another rank arrives `p2p` after the chunk that
-  produced it ends (Table 2: p2p = 0); sends never block ("async" semantics).
+  produced it ends; sends never block ("async" semantics).
 
 Bubble: a rank's idle time inside the step, i.e. makespan minus the sum of its instruction costs,
-where the makespan runs from the first instruction's start on any rank to the last one's end. For
-1F1B and ZB1P every rank has the same work, so all ranks have the same bubble; in DualPipe the
-ranks run different numbers of overlapped pairs, and Table 2's figure is the bubble of the ranks
-with the least work (`SimResult.bubble` = max over ranks). See docs/pipeline.md.
+where the makespan runs from the first instruction's start on any rank to the last one's end.
+`SimResult.bubble` is the largest of them. With p2p = 0 this reproduces the V3 report's Table 2
+exactly (PP = number of stages; tests/pipeline/test_simulator.py checks every case):
+- 1F1B: (PP-1)(F+B), for any F, B and any m; every rank idles the same.
+- ZB1P: (PP-1)(F+B-2W) when W <= F and W <= I, m >= PP; every rank idles the same. For any
+  costs it is (PP-1) max(F, I, F+I-W).
+- DualPipe: (PP/2-1)(F&B+B-3W) when I = F (the input backward takes as long as the forward),
+  W <= F, B <= F&B <= F+B, m >= 2 PP. This is the idle time of the two middle ranks; a rank h
+  steps from its end with h < PP/2-2 runs PP/2-2-h more overlapped pairs and idles that many
+  (F+B-F&B) less.
+- DualPipeV (2pp stages on pp ranks): the same formula with PP = 2pp, i.e. (pp-1)(F&B+B-3W), in
+  units of its half-size chunks; the turning rank pp-1 idles most.
 
 `check_blocking_comms` runs the same lists under the strictest semantics: each batch of
 consecutive communication instructions is posted at once and the rank waits until every send
@@ -97,7 +105,11 @@ class Deadlock(RuntimeError):
 
 
 def simulate(sched: Schedule, costs: Costs = Costs()) -> SimResult:
-    """Run `sched` under `costs` with async sends (see module docstring)."""
+    """Run `sched` under `costs` with async sends (see module docstring).
+
+    `costs` may be any object with `of(instr) -> duration` and `p2p` (e.g. durations measured
+    per stage by the executor, see benchmarks/pipeline_bubble.py).
+    """
     arrival: dict[tuple[str, int, int], float] = {}   # (kind, producing stage, mb) -> ready time
     pos = [0] * sched.pp
     free = [0.0] * sched.pp
