@@ -60,6 +60,9 @@ def test_pipelined_training_matches_single_process(pp, i):
         assert sorted(losses) == list(range(m))
         got = torch.stack([losses[mb] for mb in range(m)])
         torch.testing.assert_close(got, ref["ref_losses"][step], rtol=1e-6, atol=0)
+        for r in per_rank:      # every rank gets the batch mean for logging
+            torch.testing.assert_close(r["mean_loss"][step], ref["ref_losses"][step].mean(),
+                                       rtol=1e-6, atol=0)
 
     # step 0's gradients: same parameters on both sides, so only the summation order may differ
     seen = set()
@@ -150,3 +153,37 @@ def test_overlap_hook_must_run_both_halves():
     (inputs, targets), = toy_batches(1, 2)
     with pytest.raises(RuntimeError, match="overlap hook must run both tasks"):
         ex.step(inputs, targets)
+
+
+class HeadLoss(nn.Module):
+    """Output head inside loss_fn, as V3's head + MTP would be (they need the target tokens)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden, target):
+        return toy_loss(self.head(hidden), target)
+
+
+def test_loss_fn_parameters_get_gradients_with_split_backward():
+    from dsv3.parallel.pipeline import Instr, Schedule, validate_schedule
+    # one rank, two local stages, every backward split into I and W
+    order = [Instr(Op.F, 0, 0), Instr(Op.F, 1, 0), Instr(Op.I, 1, 0), Instr(Op.I, 0, 0),
+             Instr(Op.F, 0, 1), Instr(Op.F, 1, 1), Instr(Op.I, 1, 1), Instr(Op.W, 1, 0),
+             Instr(Op.I, 0, 1), Instr(Op.W, 0, 0), Instr(Op.W, 1, 1), Instr(Op.W, 0, 1)]
+    sched = Schedule("handmade", 1, 2, 2, ((0, 0),), (0, 0), [order])
+    validate_schedule(sched)
+    model = toy_model(2)
+    head, model[1].head = model[1].head, None
+    loss = HeadLoss(head)
+    ex = PipelineExecutor(sched, [Stage(0, model[0]), Stage(1, model[1], loss)],
+                          act_shape=(2, 4, 16), rank=0)
+    (inputs, targets), = toy_batches(1, 2)
+    ex.step(inputs, targets)
+    ref = toy_model(2)
+    reference_step(ref, inputs, targets)
+    got = dict(nn.ModuleList([model[0], model[1], loss]).named_parameters())
+    for name, p in nn.ModuleList(ref).named_parameters():
+        mine = got[name.replace("1.head.", "2.head.")]
+        assert torch.equal(mine.grad, p.grad), name

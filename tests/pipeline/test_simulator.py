@@ -41,7 +41,7 @@ def test_bubble_matches_table2(name, pp, m_per_pp, costs):
     else:
         # the bubble is the idle time of the ranks where the two directions meet (DualPipe's
         # middle ranks, DualPipeV's turning rank); a rank h steps from its end (h < n-2) runs
-        # n-2-h more overlapped pairs, each saving F+B-F&B of work, so it idles that much less
+        # n-2-h fewer overlapped pairs, works F+B-F&B longer for each, and idles that much less
         n = pp // 2 if name == "dualpipe" else pp
         gain = costs.F + costs.B - costs.pair
         h = [min(r, pp - 1 - r) if name == "dualpipe" else r for r in range(pp)]

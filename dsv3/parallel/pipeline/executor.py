@@ -9,7 +9,10 @@ What a stage module must do (the `Stage` contract):
   gradient is started from this stage (e.g. MoE balance losses), scaled like the main loss;
 - the last stage also has `loss_fn(output, target) -> scalar`, the *mean* loss of one
   micro-batch. The executor scales every micro-batch's loss (and aux loss) by 1/m, so with equal
-  micro-batch sizes the gradients are those of the mean loss of the whole batch.
+  micro-batch sizes the gradients are those of the mean loss of the whole batch. `target` is
+  whatever the caller passes (e.g. a dict of labels and MTP tokens); `loss_fn` may be an
+  `nn.Module` with parameters (e.g. output head + MTP, which need those tokens): its parameters
+  then belong to the stage like the module's.
 
 Communication: each batch of consecutive SEND/RECV instructions is one `batch_isend_irecv`. A
 receive is waited for just before the chunk that needs it; sends are waited for at the end of the
@@ -158,7 +161,7 @@ class PipelineExecutor:
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
         self.overlap = overlap or sequential_overlap
-        self._params = {i: [p for p in s.module.parameters() if p.requires_grad]
+        self._params = {i: [p for p in _stage_params(s) if p.requires_grad]
                         for i, s in self.stages.items()}
 
     # ----------------------------------------------------------------------------------------
@@ -194,6 +197,14 @@ class PipelineExecutor:
                                f"tensors {list(self._local)}")
         result, self._result = self._result, None
         return result
+
+    def mean_loss(self, result: StepResult) -> torch.Tensor:
+        """The batch's mean loss (mean over micro-batches), the same on every pipeline rank."""
+        total = torch.stack([v.float() for v in result.losses.values()]).sum() \
+            if result.losses else torch.zeros((), device=self.device)
+        total = total.to(self.device).reshape(1)
+        dist.all_reduce(total, group=self.group)
+        return total[0] / self.schedule.microbatches
 
     def reduce_mirrored_grads(self) -> None:
         """Sum the gradients of stages held on two ranks (DualPipe's two copies of each stage):
@@ -377,3 +388,11 @@ class PipelineExecutor:
                 raise RuntimeError(f"stage {s}: its output does not depend on its input, so "
                                    f"there is no gradient to send back (micro-batch {m})")
             self._produce(("grad", s, m), g, self.schedule.route(m)[s - 1])
+
+
+def _stage_params(stage: Stage) -> list[torch.Tensor]:
+    params = list(stage.module.parameters())
+    if isinstance(stage.loss_fn, nn.Module):
+        seen = {id(p) for p in params}
+        params += [p for p in stage.loss_fn.parameters() if id(p) not in seen]
+    return params

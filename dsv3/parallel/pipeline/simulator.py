@@ -17,8 +17,8 @@ exactly (PP = number of stages; tests/pipeline/test_simulator.py checks every ca
   costs it is (PP-1) max(F, I, F+I-W).
 - DualPipe: (PP/2-1)(F&B+B-3W) when I = F (the input backward takes as long as the forward),
   W <= F, B <= F&B <= F+B, m >= 2 PP. This is the idle time of the two middle ranks; a rank h
-  steps from its end with h < PP/2-2 runs PP/2-2-h more overlapped pairs and idles that many
-  (F+B-F&B) less.
+  steps from its end with h < PP/2-2 runs PP/2-2-h fewer overlapped pairs (those chunks run
+  alone), so it works that many (F+B-F&B) longer and idles that much less.
 - DualPipeV (2pp stages on pp ranks): the same formula with PP = 2pp, i.e. (pp-1)(F&B+B-3W), in
   units of its half-size chunks; the turning rank pp-1 idles most.
 

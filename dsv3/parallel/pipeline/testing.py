@@ -245,6 +245,7 @@ def pipeline_train_worker(rank: int, world_size: int, case: dict) -> dict:
         res = ex.step(inputs, targets)
         ex.reduce_mirrored_grads()
         out["losses"].append({mb: v for mb, v in res.losses.items()})
+        out.setdefault("mean_loss", []).append(ex.mean_loss(res))
         out["grads"].append({f"{st.index}.{n}": p.grad.clone()
                              for st in mine for n, p in st.module.named_parameters()})
         _sgd([st.module for st in mine], lr)
