@@ -205,7 +205,8 @@ def main() -> None:
                     from dsv3.parallel.pipeline.timeline import draw_timeline
                     results["figures"].append(str(draw_timeline(
                         blocks, img / f"pipeline_measured_{name}_pp{pp}_m{m}.png",
-                        f"{name}, measured on CPU over gloo: pp={pp}, {m} micro-batches", pp)))
+                        f"{name}, measured on CPU over gloo: pp={pp}, {m} micro-batches",
+                        build_schedule(name, pp, m))))
                 measured.append(row)
                 print(f"measured {name:10} pp={pp} m={m}: step {row['makespan_ms']:.0f} ms "
                       f"(simulated {row['sim_makespan_ms']:.0f}, replayed "

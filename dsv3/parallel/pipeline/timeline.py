@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from .schedule import Instr, Op
+from .schedule import Instr, Op, Schedule
 from .simulator import Block, SimResult
 
-# forward blue, full backward green, input backward teal, weight backward purple; micro-batches
-# fed from the far end (DualPipe's second direction) get the darker shade
+# forward blue, full backward green, input backward teal, weight backward purple; the darker
+# shade marks DualPipe's second direction and the second (returning) half of DualPipeV's V
 COLORS = {
     Op.F: ("#9ecae1", "#4292c6"),
     Op.B: ("#a1d99b", "#41ab5d"),
@@ -23,8 +23,10 @@ COLORS = {
 
 
 def draw_timeline(blocks: Iterable[Block] | SimResult, path: str | Path, title: str = "",
-                  pp: int | None = None) -> Path:
-    """Write the timeline of `blocks` (or of a `SimResult`) to `path` (PNG) and return it."""
+                  schedule: Schedule | None = None) -> Path:
+    """Write the timeline of `blocks` (or of a `SimResult`) to `path` (PNG) and return it.
+
+    `schedule` (taken from a `SimResult`) sets the number of rows and the shading."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -33,19 +35,19 @@ def draw_timeline(blocks: Iterable[Block] | SimResult, path: str | Path, title: 
     except ImportError as e:   # optional dependency: say how to get it
         raise ImportError("drawing timelines needs matplotlib: pip install 'dsv3[bench]'") from e
 
-    route_of = None
     if isinstance(blocks, SimResult):
-        pp = blocks.schedule.pp
-        route_of = blocks.schedule.route_of
-        blocks = blocks.blocks
+        schedule, blocks = blocks.schedule, blocks.blocks
     blocks = list(blocks)
-    pp = pp if pp is not None else 1 + max(b.rank for b in blocks)
+    pp = schedule.pp if schedule is not None else 1 + max(b.rank for b in blocks)
     end = max(b.end for b in blocks)
     fig, ax = plt.subplots(figsize=(max(8.0, min(40.0, 0.35 * len(blocks) / pp + 4)), 0.5 * pp + 1))
 
     def shade(part: Instr) -> str:
         light, dark = COLORS[part.op]
-        return dark if route_of is not None and route_of[part.mb] == 1 else light
+        if schedule is None:
+            return light
+        second = schedule.route_of[part.mb] == 1 or part.stage >= schedule.pp
+        return dark if second else light
 
     for b in blocks:
         y = pp - 1 - b.rank
@@ -65,8 +67,9 @@ def draw_timeline(blocks: Iterable[Block] | SimResult, path: str | Path, title: 
     ax.set_yticks([pp - 1 - r + 0.5 for r in range(pp)], [f"rank {r}" for r in range(pp)])
     ax.set_xlabel("time")
     handles = [Rectangle((0, 0), 1, 1, facecolor=COLORS[op][0]) for op in (Op.F, Op.B, Op.I, Op.W)]
-    ax.legend(handles, ["F", "B (full)", "I (input)", "W (weight)"], loc="upper center",
-              bbox_to_anchor=(0.5, -0.25 if pp <= 4 else -0.12), ncol=4, frameon=False)
+    handles.append(Rectangle((0, 0), 1, 1, fill=False, edgecolor="black", linewidth=1.2))
+    ax.legend(handles, ["F", "B (full)", "I (input)", "W (weight)", "F&B pair"],
+              loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
     if title:
         ax.set_title(title)
     fig.tight_layout()
