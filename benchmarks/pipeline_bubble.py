@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3.parallel.pipeline import SCHEDULES, Costs, Op, build_schedule, simulate
+from dsv3.parallel.pipeline import SCHEDULES, Costs, build_schedule, simulate
 from dsv3.parallel.pipeline.simulator import Block
 
 COSTS = Costs(F=1.0, B=2.0, W=1.0, FB=2.5)

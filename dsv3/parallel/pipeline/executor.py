@@ -354,7 +354,8 @@ class PipelineExecutor:
             if out.shape != self.act_shape or out.dtype != self.act_dtype:
                 raise ValueError(f"stage {s} returned an activation of shape "
                                  f"{tuple(out.shape)} and dtype {out.dtype}; the executor was "
-                                 f"built for act_shape={self.act_shape}, act_dtype={self.act_dtype}")
+                                 f"built for act_shape={self.act_shape}, "
+                                 f"act_dtype={self.act_dtype}")
             self._produce(("act", s, m), out, route[s + 1])
             outputs = [out]
         if aux is not None:

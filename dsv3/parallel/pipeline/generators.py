@@ -71,7 +71,8 @@ class _DualBuilder:
 
     def __init__(self, rank: int, stage: tuple[int, int], mbs: tuple[list[int], list[int]],
                  route, n_stages: int):
-        self.rank, self.stage, self.mbs, self.route, self.last = rank, stage, mbs, route, n_stages - 1
+        self.rank, self.stage, self.mbs, self.route = rank, stage, mbs, route
+        self.last = n_stages - 1
         self.count = {k: [0, 0] for k in ("f", "b", "send_f", "send_b", "recv_f", "recv_b")}
         self.w_queue: deque[Instr] = deque()
         self.order: list[Instr] = []

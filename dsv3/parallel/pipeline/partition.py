@@ -49,8 +49,8 @@ def partition_layers(n_layers: int, n_stages: int, first_extra: float = 0.0,
                          f"{last_extra}")
 
     def cost(stage: int, layers: int) -> float:
-        extra = (first_extra if stage == 0 else 0.0) + (last_extra if stage == n_stages - 1 else 0.0)
-        return layers + extra
+        first = first_extra if stage == 0 else 0.0
+        return layers + first + (last_extra if stage == n_stages - 1 else 0.0)
 
     @lru_cache(maxsize=None)
     def best(stage: int, start: int) -> tuple[tuple[float, float], tuple[int, ...]]:

@@ -175,10 +175,10 @@ def add_comms(
                     raise ValueError(f"{name}: rank {rank} was given {part!r} but stage {s} of "
                                      f"micro-batch {m} runs on rank {route[s]}")
                 fwd, bwd = part.op is Op.F, part.op in (Op.B, Op.I)
-                if fwd and s > 0 and route[s - 1] != rank:
-                    needs[rank][route[s - 1]].append((idx, Instr(Op.RECV_ACT, s - 1, m, route[s - 1])))
-                if bwd and s < last and route[s + 1] != rank:
-                    needs[rank][route[s + 1]].append((idx, Instr(Op.RECV_GRAD, s + 1, m, route[s + 1])))
+                if fwd and s > 0 and (src := route[s - 1]) != rank:
+                    needs[rank][src].append((idx, Instr(Op.RECV_ACT, s - 1, m, src)))
+                if bwd and s < last and (src := route[s + 1]) != rank:
+                    needs[rank][src].append((idx, Instr(Op.RECV_GRAD, s + 1, m, src)))
                 if fwd and s < last and route[s + 1] != rank:
                     sends[rank][idx].append(Instr(Op.SEND_ACT, s, m, peer=route[s + 1]))
                 if bwd and s > 0 and route[s - 1] != rank:

@@ -149,7 +149,8 @@ def toy_model(n_stages: int, layers_per_stage: int = 1, dim: int = 16, vocab: in
         for s in range(n_stages):
             embed = nn.Embedding(vocab, dim) if s == 0 else None
             blocks = [ToyBlock(dim) for _ in range(layers_per_stage)]
-            head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, vocab)) if s == n_stages - 1 else None
+            head = (nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, vocab))
+                    if s == n_stages - 1 else None)
             stages.append(ToyStage(blocks, embed, head, aux_weight))
     return stages
 
@@ -213,7 +214,8 @@ def pipeline_train_worker(rank: int, world_size: int, case: dict) -> dict:
     from .executor import PipelineExecutor, Stage, sequential_overlap
 
     sched = build_schedule(case["schedule"], world_size, case["microbatches"])
-    dim, lps, aux = case.get("dim", 16), case.get("layers_per_stage", 1), case.get("aux_weight", 0.0)
+    dim, lps = case.get("dim", 16), case.get("layers_per_stage", 1)
+    aux = case.get("aux_weight", 0.0)
     lr, steps, m = case.get("lr", 0.1), case["steps"], case["microbatches"]
     batches = toy_batches(steps, m)
     out: dict = {"losses": [], "grads": [], "overlap_calls": 0}
@@ -223,7 +225,8 @@ def pipeline_train_worker(rank: int, world_size: int, case: dict) -> dict:
         out["ref_losses"], out["ref_grads"], out["ref_abs"] = [], [], []
         for inputs, targets in batches:
             losses, abs_sum = reference_step(ref_model, inputs, targets)
-            params = [(f"{i}.{n}", p) for i, st in enumerate(ref_model) for n, p in st.named_parameters()]
+            params = [(f"{i}.{n}", p) for i, st in enumerate(ref_model)
+                      for n, p in st.named_parameters()]
             out["ref_losses"].append(torch.stack(losses))
             out["ref_grads"].append({n: p.grad.clone() for n, p in params})
             out["ref_abs"].append({n: a for (n, _), a in zip(params, abs_sum)})
@@ -232,7 +235,8 @@ def pipeline_train_worker(rank: int, world_size: int, case: dict) -> dict:
     full = toy_model(sched.n_stages, lps, dim, aux_weight=aux)
     mine = [Stage(s, full[s], toy_loss if s == sched.n_stages - 1 else None)
             for s in sched.stages_on_rank(rank)]
-    hook = {"sequential": sequential_overlap, "reversed": reversed_overlap}[case.get("overlap", "sequential")]
+    hook = {"sequential": sequential_overlap,
+            "reversed": reversed_overlap}[case.get("overlap", "sequential")]
 
     def counting_hook(fwd, bwd):
         out["overlap_calls"] += 1
@@ -267,7 +271,7 @@ def pipeline_cases_worker(rank: int, world_size: int, cases: list[dict]) -> list
 
 
 def deadlock_worker(rank: int, world_size: int) -> None:
-    """Both ranks wait to receive first: never finishes (tests that the launcher's deadline works)."""
+    """Both ranks wait to receive first: never finishes (tests the launcher's deadline)."""
     import torch.distributed as dist
 
     dist.recv(torch.empty(1), src=1 - rank)
