@@ -1,2 +1,1 @@
-"""Parallelism applied to the model from outside (DESIGN.md §1): pipeline/ (schedules, simulator,
-executor); mesh, expert parallel and data parallel live beside it."""
+"""Parallel plans, applied to the model from outside: process groups, data/expert/pipeline parallelism."""
