@@ -4,7 +4,7 @@ import itertools
 import pytest
 
 from dsv3.parallel.pipeline import build_schedule
-from dsv3.parallel.pipeline.config import validate_pipeline
+from dsv3.parallel.pipeline.config import PipelineConfigError, validate_pipeline
 from dsv3.parallel.pipeline.partition import (n_stages, partition_layers, rank_stages,
                                               stage_layers)
 
@@ -18,23 +18,27 @@ def test_valid_configs_pass(pp, schedule, m, layers):
     build_schedule(schedule, pp, m)          # and the generator accepts them too
 
 
-@pytest.mark.parametrize("pp,schedule,m,layers,expected", [
-    (4, "gpipe", 8, 61, r"parallel.pp_schedule='gpipe' is not a known schedule; allowed: "
-                        r"1f1b, zb1p, dualpipe, dualpipev"),
-    (4, "DualPipe", 8, 61, r"parallel.pp_schedule='DualPipe'"),
-    (0, "1f1b", 8, 61, r"parallel.pp=0 must be an integer >= 1"),
-    (4, "1f1b", 0, 61, r"parallel.microbatches=0 must be an integer >= 1"),
-    (3, "dualpipe", 12, 61, r"parallel.pp=3 is odd; parallel.pp_schedule=dualpipe needs an even pp"),
-    (4, "dualpipe", 6, 61, r"parallel.microbatches=6 .* needs an even number >= 2\*pp = 8"),
-    (4, "dualpipe", 9, 61, r"parallel.microbatches=9 .* needs an even number >= 2\*pp = 8"),
-    (4, "dualpipev", 7, 61, r"parallel.microbatches=7 .*dualpipev.* needs >= 2\*pp = 8"),
-    (32, "dualpipev", 64, 61, r"parallel.pp=32 .* makes 64 stages but the model has 61 layers.*"
-                              r"pp <= 30"),
-    (8, "1f1b", 8, 6, r"parallel.pp=8 .* makes 8 stages but the model has 6 layers.*pp <= 6"),
+@pytest.mark.parametrize("pp,schedule,m,layers,key,expected", [
+    (4, "gpipe", 8, 61, "parallel.pp_schedule",
+     r"parallel.pp_schedule='gpipe': must be one of 1f1b, zb1p, dualpipe, dualpipev"),
+    (4, "DualPipe", 8, 61, "parallel.pp_schedule", r"parallel.pp_schedule='DualPipe': must be"),
+    (0, "1f1b", 8, 61, "parallel.pp", r"parallel.pp=0: must be an integer >= 1"),
+    (4, "1f1b", 0, 61, "parallel.microbatches", r"parallel.microbatches=0: must be an integer >= 1"),
+    (3, "dualpipe", 12, 61, "parallel.pp", r"parallel.pp=3: .*dualpipe needs an even pp"),
+    (4, "dualpipe", 6, 61, "parallel.microbatches",
+     r"parallel.microbatches=6: .* needs an even number >= 2\*pp = 8"),
+    (4, "dualpipe", 9, 61, "parallel.microbatches",
+     r"parallel.microbatches=9: .* needs an even number >= 2\*pp = 8"),
+    (4, "dualpipev", 7, 61, "parallel.microbatches",
+     r"parallel.microbatches=7: parallel.pp_schedule=dualpipev .* needs >= 2\*pp = 8"),
+    (32, "dualpipev", 64, 61, "parallel.pp",
+     r"parallel.pp=32: .* makes 64 stages but the model has 61 layers.*allowed: pp <= 30"),
+    (8, "1f1b", 8, 6, "parallel.pp", r"parallel.pp=8: .* makes 8 stages .* 6 layers.*pp <= 6"),
 ])
-def test_invalid_configs_name_key_value_and_allowed(pp, schedule, m, layers, expected):
-    with pytest.raises(ValueError, match=expected):
+def test_invalid_configs_name_key_value_and_allowed(pp, schedule, m, layers, key, expected):
+    with pytest.raises(ValueError, match=expected) as err:
         validate_pipeline(pp, schedule, m, layers)
+    assert isinstance(err.value, PipelineConfigError) and err.value.key == key
 
 
 def brute_force_best(n_layers, stages, first, last):
