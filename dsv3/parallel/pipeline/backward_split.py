@@ -17,8 +17,10 @@ that needs the model's cooperation. Here it is done on any module, from the auto
 Memory trade-off: I keeps the chunk's autograd graph, and so all its saved activations, alive
 until W (`retain_graph=True`); a Linear-only WeightGradStore would keep just each Linear's input
 and output gradient. The simulator therefore also reports the peak of chunks alive until W.
-Custom `autograd.Function`s on the input path cannot skip an output, so they compute their
-weight gradient during I as well (and again in W): correct, but the split saves nothing there.
+Custom `autograd.Function`s on the input path cannot skip an output, so they compute both
+gradients during I and again in W: correct, but that op costs double; such Functions should defer
+their dW themselves (DualPipe's WeightGradStore pattern). A parameter used at two depths of one
+stage (or a loss term of parameters only) makes W recompute the input path between the two.
 
 If no stage input requires a gradient (the first stage: token ids), I has nothing to compute and
 W runs the whole backward.
