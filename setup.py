@@ -76,7 +76,7 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.57", "triton>=3.2"],
+        "test": ["pytest>=8", "transformers>=4.57", "triton>=3.2", "matplotlib>=3.7"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
     },
     ext_modules=[dispatch_extension()],
