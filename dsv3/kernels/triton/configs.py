@@ -43,6 +43,7 @@ INTERPRETER = "interpreter"
 # Kernel families:
 #   gemm          16-bit M-grouped GEMM (forward, dgrad, dgrad + SwiGLU-backward epilogue)
 #   gemm_swiglu   16-bit gate/up GEMM with SwiGLU epilogue (two accumulators: half the block N)
+#   gemm_dswiglu  16-bit dgrad of the down projection with SwiGLU-backward epilogue (3 outputs)
 #   wgrad         16-bit K-grouped GEMM (dW per expert)
 #   fp8_*         the same with E4M3 operands and per-128-K scale promotion
 GEMM_CONFIGS: dict[tuple[str, str], GemmConfig] = {
@@ -51,22 +52,29 @@ GEMM_CONFIGS: dict[tuple[str, str], GemmConfig] = {
     ("gemm", "sm90"): GemmConfig(128, 256, 64, 8, num_warps=8, num_stages=3),
     ("gemm_swiglu", "sm80"): GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=4),
     ("gemm_swiglu", "sm89"): GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=4),
-    ("gemm_swiglu", "sm90"): GemmConfig(128, 128, 64, 8, num_warps=8, num_stages=3),
+    ("gemm_swiglu", "sm90"): GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=4),
+    ("gemm_dswiglu", "sm80"): GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=4),
+    ("gemm_dswiglu", "sm89"): GemmConfig(128, 64, 32, 8, num_warps=8, num_stages=4),
+    ("gemm_dswiglu", "sm90"): GemmConfig(128, 64, 64, 8, num_warps=8, num_stages=4),
     ("wgrad", "sm80"): GemmConfig(128, 128, 32, 1, num_warps=8, num_stages=4),
     ("wgrad", "sm89"): GemmConfig(128, 128, 32, 1, num_warps=8, num_stages=4),
     ("wgrad", "sm90"): GemmConfig(128, 128, 64, 1, num_warps=8, num_stages=4),
-    ("fp8_gemm", "sm89"): GemmConfig(128, 64, 128, 8, num_warps=4, num_stages=3),
+    ("fp8_gemm", "sm89"): GemmConfig(128, 64, 128, 8, num_warps=8, num_stages=3),
     ("fp8_gemm", "sm90"): GemmConfig(128, 128, 128, 8, num_warps=8, num_stages=4),
-    ("fp8_gemm_swiglu", "sm89"): GemmConfig(64, 64, 128, 8, num_warps=4, num_stages=3),
+    ("fp8_gemm_swiglu", "sm89"): GemmConfig(128, 32, 128, 8, num_warps=8, num_stages=3),
     ("fp8_gemm_swiglu", "sm90"): GemmConfig(128, 64, 128, 8, num_warps=8, num_stages=4),
+    ("fp8_gemm_dswiglu", "sm89"): GemmConfig(64, 64, 128, 8, num_warps=8, num_stages=3),
+    ("fp8_gemm_dswiglu", "sm90"): GemmConfig(128, 64, 128, 8, num_warps=8, num_stages=4),
     ("fp8_wgrad", "sm89"): GemmConfig(64, 128, 128, 1, num_warps=4, num_stages=3),
     ("fp8_wgrad", "sm90"): GemmConfig(128, 128, 128, 1, num_warps=8, num_stages=4),
     # One config for the CPU interpreter; block K 128 for FP8 as everywhere.
     ("gemm", INTERPRETER): GemmConfig(128, 128, 128, 2, num_warps=4, num_stages=1),
     ("gemm_swiglu", INTERPRETER): GemmConfig(128, 64, 128, 2, num_warps=4, num_stages=1),
+    ("gemm_dswiglu", INTERPRETER): GemmConfig(128, 128, 128, 2, num_warps=4, num_stages=1),
     ("wgrad", INTERPRETER): GemmConfig(128, 128, 128, 1, num_warps=4, num_stages=1),
     ("fp8_gemm", INTERPRETER): GemmConfig(128, 128, 128, 2, num_warps=4, num_stages=1),
     ("fp8_gemm_swiglu", INTERPRETER): GemmConfig(128, 64, 128, 2, num_warps=4, num_stages=1),
+    ("fp8_gemm_dswiglu", INTERPRETER): GemmConfig(128, 128, 128, 2, num_warps=4, num_stages=1),
     ("fp8_wgrad", INTERPRETER): GemmConfig(128, 128, 128, 1, num_warps=4, num_stages=1),
 }
 

@@ -120,13 +120,14 @@ def m_grouped_gemm(
         x_ptrs = aux_ptr + rm64[:, None] * stride_xm + rn[None, :] * stride_xn
         gate = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_ptrs + N * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        # Each output is stored as soon as it is computed: keeps fewer [BM, BN] tiles live (no spills).
         sig = 1.0 / (1.0 + tl.exp(-gate))
         silu = gate * sig
-        d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(c_ptrs, d_gate.to(c_ptr.dtype.element_ty), mask=mask)
-        tl.store(c_ptrs + N * stride_cn, (acc * silu).to(c_ptr.dtype.element_ty), mask=mask)
         y_ptrs = aux_out_ptr + rm64[:, None] * stride_ym + rn[None, :] * stride_yn
         tl.store(y_ptrs, (silu * up).to(aux_out_ptr.dtype.element_ty), mask=mask)
+        tl.store(c_ptrs + N * stride_cn, (acc * silu).to(c_ptr.dtype.element_ty), mask=mask)
+        # d silu(g) / dg = sig * (1 + g (1 - sig)) = sig + silu (1 - sig)
+        tl.store(c_ptrs, (acc * up * (sig + silu * (1.0 - sig))).to(c_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -98,7 +98,7 @@ def plan_m_grouped(a: Operand, w: Operand, offsets: torch.Tensor, *, transpose_w
     else:
         c = torch.empty(M, N, dtype=out_dtype, device=dev)
         outputs = (c,)
-    family = ("fp8_" if fp8 else "") + ("gemm_swiglu" if epilogue == SWIGLU else "gemm")
+    family = ("fp8_" if fp8 else "") + {NO_EPILOGUE: "gemm", SWIGLU: "gemm_swiglu", SWIGLU_BACKWARD: "gemm_dswiglu"}[epilogue]
     cfg = gemm_config(family, arch)
     # Upper bound of the number of row tiles: sum_e ceil(rows_e / BM) <= (M + E (BM - 1)) / BM, and <= M.
     grid_m = min(M, (M + E * (cfg.block_m - 1)) // cfg.block_m)

@@ -115,7 +115,8 @@ def _blocks(tilings: tuple[str, ...], arch: str) -> tuple[int, int, int]:
     cfg = QUANT_CONFIGS[arch]
     rows = max([cfg.block] + [tile_groups(t)[0] for t in tilings])
     cols = max([cfg.block] + [tile_groups(t)[1] for t in tilings])
-    return rows, cols, cfg.num_warps
+    # At most ~64 fp32 values per thread: 128x128 blocks (weights, re-tiling) get 8 warps, not spills.
+    return rows, cols, max(cfg.num_warps, rows * cols // (32 * 64))
 
 
 def _new_data(shape: tuple[int, ...], tiling: str, device) -> torch.Tensor:
