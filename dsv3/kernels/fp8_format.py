@@ -49,6 +49,11 @@ def tile_groups(tiling: str) -> tuple[int, int]:
     return groups[tiling]
 
 
+def check_amax_floor(amax_floor: float) -> None:
+    if not amax_floor > 0:
+        raise ValueError(f"amax_floor must be > 0 (it keeps scales non-zero on all-zero tiles), got {amax_floor}")
+
+
 def check_fp8(t: Fp8Tensor, tiling: str, name: str) -> None:
     """Fail with the expected shapes when `t` is not `tiling`-quantized data."""
     if t.data.dtype != FP8_DTYPE:

@@ -13,8 +13,8 @@ accumulated in fp32 and rounded once to the output dtype, as the kernels do.
 import torch
 import torch.nn.functional as F
 
-from dsv3.kernels.fp8_format import (DEFAULT_AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Tensor, check_fp8, cdiv,
-                                     tile_groups)
+from dsv3.kernels.fp8_format import (DEFAULT_AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Tensor, cdiv, check_amax_floor,
+                                     check_fp8, tile_groups)
 
 Operand = torch.Tensor | Fp8Tensor
 
@@ -51,6 +51,7 @@ def _untile(tiles: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def quantize(x: torch.Tensor, tiling: str = "1x128", *, pow2_scales: bool = False,
              amax_floor: float = DEFAULT_AMAX_FLOOR) -> Fp8Tensor:
     """E4M3 data and fp32 scales, one scale per tile: scale = max(amax, amax_floor) / 448."""
+    check_amax_floor(amax_floor)
     rows, cols = x.shape[-2:]
     tiles = _tiles(x.float(), tiling)
     scale = tiles.abs().amax(dim=(-3, -1)).clamp_min(amax_floor) / FP8_MAX

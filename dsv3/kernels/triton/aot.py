@@ -147,7 +147,7 @@ def compile_report(name: str, arch: str, kind: str) -> Report:
     signature, constexprs, attrs = _signature(launch)
     compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
                               target=GPUTarget("cuda", CAPABILITY[arch], 32),
-                              options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+                              options=launch.options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()

@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3.kernels.fp8_format import DEFAULT_AMAX_FLOOR, FP8_DTYPE, FP8_MAX, Fp8Tensor, check_fp8, cdiv, tile_groups
+from dsv3.kernels.fp8_format import (DEFAULT_AMAX_FLOOR, FP8_DTYPE, Fp8Tensor, cdiv, check_amax_floor, check_fp8,
+                                     tile_groups)
 from dsv3.kernels.triton.configs import QUANT_CONFIGS
 from dsv3.kernels.triton.runtime import Launch, arch_for
 
@@ -137,8 +138,7 @@ def plan_quantize(x: torch.Tensor | Fp8Tensor, tiling: str, *, src_tiling: str |
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"quantize takes float32, float16 or bfloat16, got {x.dtype}")
         data, in_scale, (igr, igc) = x, None, (1, 1)
-    if not amax_floor > 0:
-        raise ValueError(f"amax_floor must be > 0 (it keeps scales non-zero on all-zero tiles), got {amax_floor}")
+    check_amax_floor(amax_floor)
     arch = arch or arch_for(data)
     block_r, block_c, num_warps = _blocks((tiling,) + ((src_tiling,) if in_scale is not None else ()), arch)
     q = _new_data(tuple(data.shape), tiling, data.device)

@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 import triton
-import triton.language as tl
 
 from dsv3.kernels.triton.configs import INTERPRETER, arch_of
 
@@ -47,17 +46,13 @@ class Launch:
     num_stages: int
     outputs: tuple = field(default_factory=tuple)
 
+    @property
+    def options(self) -> dict:
+        # FP fusion (a*b+c -> fma) pinned on: Triton 3.9 warns that its default will flip.
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, enable_fp_fusion=True)
+
     def run(self):
         if all(g > 0 for g in self.grid):
-            self.kernel[self.grid](**self.args, num_warps=self.num_warps, num_stages=self.num_stages)
+            self.kernel[self.grid](**self.args, **self.options)
         return self.outputs[0] if len(self.outputs) == 1 else self.outputs
 
-
-def tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-            torch.float8_e4m3fn: tl.float8e4nv}[dtype]
-
-
-def upcast_in_kernel(dtype: torch.dtype) -> bool:
-    """The interpreter computes bf16 arithmetic and dots wrongly (no numpy bf16): widen after loading."""
-    return dtype == torch.bfloat16 and interpreting()
