@@ -156,15 +156,16 @@ def k_grouped_gemm(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = rn < N
     k_mask = rk < K
+    # 64-bit column offsets: FP8 operands are column-major ([K, M] storage), where k * M can pass 2^31.
+    a_cols = a_ptr + rn.to(tl.int64)[:, None] * stride_an
+    b_cols = b_ptr + rk.to(tl.int64)[None, :] * stride_bk
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range((start // BLOCK_R) * BLOCK_R, end, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_mask = (rr >= start) & (rr < end)
         rr64 = rr.to(tl.int64)
-        a = tl.load(a_ptr + rr64[None, :] * stride_am + rn[:, None] * stride_an,
-                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # A^T tile [BLOCK_N, BLOCK_R]
-        b = tl.load(b_ptr + rr64[:, None] * stride_bm + rk[None, :] * stride_bk,
-                    mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        a = tl.load(a_cols + rr64[None, :] * stride_am, mask=n_mask[:, None] & r_mask[None, :], other=0.0)  # A^T
+        b = tl.load(b_cols + rr64[:, None] * stride_bm, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)

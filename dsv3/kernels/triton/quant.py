@@ -61,7 +61,8 @@ def quantize_kernel(
     mask = (rr < R)[:, None] & (rc < C)[None, :]
     b64 = b.to(tl.int64)
     rr64 = rr.to(tl.int64)
-    x = tl.load(x_ptr + b64 * stride_xb + rr64[:, None] * stride_xr + rc[None, :] * stride_xc,
+    rc64 = rc.to(tl.int64)  # column-major (128x1) storage: c * R can pass 2^31
+    x = tl.load(x_ptr + b64 * stride_xb + rr64[:, None] * stride_xr + rc64[None, :] * stride_xc,
                 mask=mask, other=0.0).to(tl.float32)
     if x_scale_ptr is not None:
         ir = pid_r * (BLOCK_R // IN_GR) + tl.arange(0, BLOCK_R // IN_GR)
@@ -76,7 +77,7 @@ def quantize_kernel(
         # Round up to a power of two exactly: a non-zero mantissa bumps the exponent.
         scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
     y = tl.clamp(x / _broadcast(scale, BLOCK_R, BLOCK_C, GR, GC), -448.0, 448.0)
-    tl.store(q_ptr + b64 * stride_qb + rr64[:, None] * stride_qr + rc[None, :] * stride_qc,
+    tl.store(q_ptr + b64 * stride_qb + rr64[:, None] * stride_qr + rc64[None, :] * stride_qc,
              _round_to_e4m3(y).to(q_ptr.dtype.element_ty), mask=mask)
     sr = pid_r * (BLOCK_R // GR) + tl.arange(0, BLOCK_R // GR)
     sc = pid_c * (BLOCK_C // GC) + tl.arange(0, BLOCK_C // GC)
@@ -95,13 +96,14 @@ def dequantize_kernel(q_ptr, s_ptr, x_ptr, R, C,
     mask = (rr < R)[:, None] & (rc < C)[None, :]
     b64 = b.to(tl.int64)
     rr64 = rr.to(tl.int64)
-    q = tl.load(q_ptr + b64 * stride_qb + rr64[:, None] * stride_qr + rc[None, :] * stride_qc, mask=mask, other=0.0)
+    rc64 = rc.to(tl.int64)  # column-major (128x1) storage: c * R can pass 2^31
+    q = tl.load(q_ptr + b64 * stride_qb + rr64[:, None] * stride_qr + rc64[None, :] * stride_qc, mask=mask, other=0.0)
     sr = pid_r * (BLOCK_R // GR) + tl.arange(0, BLOCK_R // GR)
     sc = pid_c * (BLOCK_C // GC) + tl.arange(0, BLOCK_C // GC)
     s_mask = (sr < tl.cdiv(R, GR))[:, None] & (sc < tl.cdiv(C, GC))[None, :]
     s = tl.load(s_ptr + b64 * stride_sb + sr[:, None] * stride_sr + sc[None, :] * stride_sc, mask=s_mask, other=0.0)
     x = q.to(tl.float32) * _broadcast(s, BLOCK_R, BLOCK_C, GR, GC)
-    tl.store(x_ptr + b64 * stride_xb + rr64[:, None] * stride_xr + rc[None, :] * stride_xc,
+    tl.store(x_ptr + b64 * stride_xb + rr64[:, None] * stride_xr + rc64[None, :] * stride_xc,
              x.to(x_ptr.dtype.element_ty), mask=mask)
 
 
