@@ -9,6 +9,7 @@ needs gate_up anyway. Weight gradients are accumulated in fp32 inside the kernel
 the weights' dtype.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from dsv3.kernels.fp8_format import Fp8Tensor
 
@@ -23,6 +24,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         return backend.grouped_linear(x, w, offsets)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w, offsets = ctx.saved_tensors
         dx = ctx.backend.grouped_linear_dgrad(dy, w, offsets) if ctx.needs_input_grad[0] else None
@@ -42,13 +44,14 @@ class ExpertSwiGLUFunction(torch.autograd.Function):
         return backend.grouped_linear(h, w2, offsets)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, w13, w2, offsets, gate_up = ctx.saved_tensors
-        k = ctx.backend
+        k, need = ctx.backend, ctx.needs_input_grad
         d_gate_up, h = k.swiglu_dgrad(dy, w2, gate_up, offsets)
-        dw2 = k.grouped_linear_wgrad(dy, h, offsets, w2.dtype)
-        dx = k.grouped_linear_dgrad(d_gate_up, w13, offsets)
-        dw13 = k.grouped_linear_wgrad(d_gate_up, x, offsets, w13.dtype)
+        dw2 = k.grouped_linear_wgrad(dy, h, offsets, w2.dtype) if need[2] else None
+        dx = k.grouped_linear_dgrad(d_gate_up, w13, offsets) if need[0] else None
+        dw13 = k.grouped_linear_wgrad(d_gate_up, x, offsets, w13.dtype) if need[1] else None
         return dx, dw13, dw2, None, None
 
 
@@ -72,16 +75,22 @@ class ExpertSwiGLUFP8Function(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x_data, x_scale, w13_data, w13_scale, w2_data, w2_scale, gate_up, offsets = ctx.saved_tensors
-        k, q = ctx.backend, ctx.q
+        k, q, need = ctx.backend, ctx.q, ctx.needs_input_grad
         x_dtype, w13_dtype, w2_dtype = ctx.dtypes
         w13q, w2q = Fp8Tensor(w13_data, w13_scale), Fp8Tensor(w2_data, w2_scale)
         d_gate_up, h = k.swiglu_dgrad(k.quantize(dy, "1x128", **q), w2q, gate_up, offsets, x_dtype)
-        dw2 = k.grouped_linear_wgrad(k.quantize(dy, "128x1", **q), k.quantize(h, "128x1", **q), offsets,
-                                     torch.float32)
-        dx = k.grouped_linear_dgrad(k.quantize(d_gate_up, "1x128", **q), w13q, offsets, x_dtype)
-        x_cols = k.requantize(Fp8Tensor(x_data, x_scale), "1x128", "128x1", **q)
-        dw13 = k.grouped_linear_wgrad(k.quantize(d_gate_up, "128x1", **q), x_cols, offsets, torch.float32)
-        return dx, dw13.to(w13_dtype), dw2.to(w2_dtype), None, None, None, None
+        dx = dw13 = dw2 = None
+        if need[2]:
+            dw2 = k.grouped_linear_wgrad(k.quantize(dy, "128x1", **q), k.quantize(h, "128x1", **q), offsets,
+                                         torch.float32).to(w2_dtype)
+        if need[0]:
+            dx = k.grouped_linear_dgrad(k.quantize(d_gate_up, "1x128", **q), w13q, offsets, x_dtype)
+        if need[1]:
+            x_cols = k.requantize(Fp8Tensor(x_data, x_scale), "1x128", "128x1", **q)
+            dw13 = k.grouped_linear_wgrad(k.quantize(d_gate_up, "128x1", **q), x_cols, offsets,
+                                          torch.float32).to(w13_dtype)
+        return dx, dw13, dw2, None, None, None, None
 

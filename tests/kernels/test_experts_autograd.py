@@ -81,3 +81,16 @@ def test_fp8_expert_mlp_stays_close_to_full_precision():
 def test_triton_resolves_in_the_interpreter_on_cpu():
     assert ops.resolve_grouped_gemm_impl("triton", "cpu", torch.bfloat16) == "triton"
     assert ops.resolve_grouped_gemm_impl("triton", "cpu", torch.bfloat16, fp8=True) == "triton"
+
+
+def test_expanded_incoming_gradients_and_frozen_weights():
+    # `.sum()` hands backward a zero-stride gradient (the kernels read it through its strides);
+    # gradients are computed only for the inputs that need them.
+    offsets = offsets_of([0, 3, 0, 37])
+    x, w13, w2 = randn(40, 32, seed=1).requires_grad_(), randn(4, 32, 32, seed=2), randn(4, 32, 16, seed=3)
+    w2.requires_grad_()
+    ops.expert_swiglu_mlp(x, w13, w2, offsets, "triton").sum().backward()
+    want = torch.autograd.grad(ops.expert_swiglu_mlp(x, w13, w2, offsets, "reference").sum(), (x, w2))
+    assert w13.grad is None
+    assert_close(x.grad, want[0], REL[torch.float32], "dx")
+    assert_close(w2.grad, want[1], REL[torch.float32], "dw2")
