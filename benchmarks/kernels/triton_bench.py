@@ -22,7 +22,8 @@ sys.path.insert(0, ROOT)
 def parse_args(doc: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true",
-                   help="CPU correctness mode: Triton interpreter, small shapes, compare with the twins, exit 1 on a miss")
+                   help="CPU correctness mode: Triton interpreter, small shapes, compare with the twins, "
+                        "exit 1 on a miss")
     p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 256], help="local experts per rank")
     p.add_argument("--tokens", type=int, default=4096, help="tokens in the batch being routed")
     p.add_argument("--topk", type=int, default=8)

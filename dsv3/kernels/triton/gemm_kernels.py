@@ -40,9 +40,9 @@ def _expert_of_tile(offsets_ptr, tile_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.co
 @triton.jit
 def m_grouped_gemm(
         a_ptr, b_ptr, c_ptr, offsets_ptr,
-        a_scale_ptr, b_scale_ptr,  # FP8 only: A [M, ceil(K/128)], B [E, ceil(K/128)|ceil(N/128), ...] via strides
+        a_scale_ptr, b_scale_ptr,  # FP8 only: A 1x128 [M, ceil(K/128)]; B 128x128, read through strides
         aux_ptr, aux_out_ptr,  # SWIGLU: gate_up out (or None); DSWIGLU: gate_up in, h out
-        M, N, K, E, grid_m,
+        N, K, E, grid_m,
         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
         stride_asm, stride_ask, stride_bse, stride_bsk, stride_bsn,
         stride_xm, stride_xn, stride_ym, stride_yn,

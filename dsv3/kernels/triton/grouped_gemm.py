@@ -28,7 +28,7 @@ def _split(t: Operand, tiling: str, name: str) -> tuple[torch.Tensor, torch.Tens
 
 
 def _common(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, names: str, arch: str | None):
-    """Shared checks; returns (fp8, arch, config-family prefix, kernel flags)."""
+    """Checks shared by both GEMM kinds; returns (FP8?, config row, dtype-dependent kernel flags)."""
     if a.dtype != b.dtype:
         raise TypeError(f"{names}: operands must have one dtype (both FP8 or both the same float type), "
                         f"got {a.dtype} and {b.dtype}")
@@ -98,13 +98,14 @@ def plan_m_grouped(a: Operand, w: Operand, offsets: torch.Tensor, *, transpose_w
     else:
         c = torch.empty(M, N, dtype=out_dtype, device=dev)
         outputs = (c,)
-    family = ("fp8_" if fp8 else "") + {NO_EPILOGUE: "gemm", SWIGLU: "gemm_swiglu", SWIGLU_BACKWARD: "gemm_dswiglu"}[epilogue]
+    family = ("fp8_" if fp8 else "") + {NO_EPILOGUE: "gemm", SWIGLU: "gemm_swiglu",
+                                        SWIGLU_BACKWARD: "gemm_dswiglu"}[epilogue]
     cfg = gemm_config(family, arch)
     # Upper bound of the number of row tiles: sum_e ceil(rows_e / BM) <= (M + E (BM - 1)) / BM, and <= M.
     grid_m = min(M, (M + E * (cfg.block_m - 1)) // cfg.block_m)
     args = dict(
         a_ptr=a_data, b_ptr=w_data, c_ptr=c, offsets_ptr=offsets, a_scale_ptr=a_scale, b_scale_ptr=w_scale,
-        aux_ptr=aux, aux_out_ptr=aux_out, M=M, N=N, K=K, E=E, grid_m=grid_m,
+        aux_ptr=aux, aux_out_ptr=aux_out, N=N, K=K, E=E, grid_m=grid_m,
         stride_am=a_data.stride(0), stride_ak=a_data.stride(1),
         stride_be=w_data.stride(0), stride_bk=stride_bk, stride_bn=stride_bn,
         stride_cm=c.stride(0), stride_cn=c.stride(1),
