@@ -104,3 +104,13 @@ def test_bad_inputs_are_rejected_with_the_expected_values():
         tk.grouped_linear(t["x"], t["w"].half(), t["offsets"])
     with pytest.raises(ValueError, match=f"rows have {D - 1} features, the weights expect {D}"):
         tk.grouped_linear(t["x"][:, 1:], t["w"], t["offsets"])
+
+
+def test_offsets_past_the_last_row_are_clamped_not_overrun():
+    # offsets[-1] must equal M; checking that would need a host sync, so the kernels clamp row bounds
+    # into [0, M] instead: no access outside the tensors (the interpreter would corrupt the heap).
+    x, dy, w = randn(20, D, seed=1), randn(20, N, seed=2), randn(3, N, D, scale=D ** -0.5, seed=3)
+    offsets = torch.tensor([8, 16, 40], dtype=torch.int32)
+    assert_close(tk.grouped_linear(x, w, offsets), reference.grouped_linear(x, w, offsets), REL[torch.float32], "y")
+    assert_close(tk.grouped_linear_wgrad(dy, x, offsets), reference.grouped_linear_wgrad(dy, x, offsets),
+                 REL[torch.float32], "dw")

@@ -15,7 +15,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _expert_of_tile(offsets_ptr, tile_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+def _row_bound(offsets_ptr, idx, mask, M):
+    """offsets[idx] clamped to [0, M]: offsets that break the contract (offsets[-1] == M, non-decreasing)
+    give wrong rows but never an access outside the tensors (checking them would need a host sync)."""
+    return tl.minimum(tl.maximum(tl.load(offsets_ptr + idx, mask=mask, other=0), 0), M)
+
+
+@triton.jit
+def _expert_of_tile(offsets_ptr, tile_m, E, M, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
     """(expert, first row of the tile, end row of the expert) of row tile `tile_m`; expert >= E when
     the tile is past the last one.
 
@@ -25,15 +32,15 @@ def _expert_of_tile(offsets_ptr, tile_m, E, E_POW2: tl.constexpr, BLOCK_M: tl.co
     is a static upper bound of the tile count (at most E - 1 programs exit at once).
     """
     e_idx = tl.arange(0, E_POW2)
-    ends = tl.load(offsets_ptr + e_idx, mask=e_idx < E, other=0)
-    starts = tl.load(offsets_ptr + e_idx - 1, mask=(e_idx > 0) & (e_idx < E), other=0)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    ends = _row_bound(offsets_ptr, e_idx, e_idx < E, M)
+    starts = _row_bound(offsets_ptr, e_idx - 1, (e_idx > 0) & (e_idx < E), M)
+    tiles = (tl.maximum(ends - starts, 0) + BLOCK_M - 1) // BLOCK_M
     tile_ends = tl.cumsum(tiles, 0)
     e = tl.sum((tile_ends <= tile_m).to(tl.int32), 0)
     first_tile = tl.sum(tl.where(e_idx < e, tiles, 0), 0)
     e_ok = e < E
-    start = tl.load(offsets_ptr + e - 1, mask=e_ok & (e > 0), other=0)
-    end = tl.load(offsets_ptr + e, mask=e_ok, other=0)
+    start = _row_bound(offsets_ptr, e - 1, e_ok & (e > 0), M)
+    end = _row_bound(offsets_ptr, e, e_ok, M)
     return e, start + (tile_m - first_tile) * BLOCK_M, end
 
 
@@ -42,7 +49,7 @@ def m_grouped_gemm(
         a_ptr, b_ptr, c_ptr, offsets_ptr,
         a_scale_ptr, b_scale_ptr,  # FP8 only: A 1x128 [M, ceil(K/128)]; B 128x128, read through strides
         aux_ptr, aux_out_ptr,  # SWIGLU: gate_up out (or None); DSWIGLU: gate_up in, h out
-        N, K, E, grid_m,
+        M, N, K, E, grid_m,
         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
         stride_asm, stride_ask, stride_bse, stride_bsk, stride_bsn,
         stride_xm, stride_xn, stride_ym, stride_yn,
@@ -59,7 +66,7 @@ def m_grouped_gemm(
     tile_m = first_m + (pid % group_size) % rows_in_group
     pid_n = (pid % group_size) // rows_in_group
 
-    e, row0, row_end = _expert_of_tile(offsets_ptr, tile_m, E, E_POW2, BLOCK_M)
+    e, row0, row_end = _expert_of_tile(offsets_ptr, tile_m, E, M, E_POW2, BLOCK_M)
     if e >= E:
         return
     rm = row0 + tl.arange(0, BLOCK_M)
@@ -134,7 +141,7 @@ def m_grouped_gemm(
 def k_grouped_gemm(
         a_ptr, b_ptr, c_ptr, offsets_ptr,
         a_scale_ptr, b_scale_ptr,  # FP8 only, 128x1 tiles: A [ceil(M/128), N], B [ceil(M/128), K]
-        N, K, E,
+        M, N, K, E,
         stride_am, stride_an, stride_bm, stride_bk, stride_ce, stride_cn, stride_ck,
         stride_asm, stride_asn, stride_bsm, stride_bsk,
         FP8: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -150,8 +157,8 @@ def k_grouped_gemm(
     e = pid // (num_pid_n * num_pid_k)
     pid_n = (pid // num_pid_k) % num_pid_n
     pid_k = pid % num_pid_k
-    start = tl.load(offsets_ptr + e - 1, mask=e > 0, other=0)
-    end = tl.load(offsets_ptr + e)
+    start = _row_bound(offsets_ptr, e - 1, e > 0, M)
+    end = _row_bound(offsets_ptr, e, e < E, M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = rn < N

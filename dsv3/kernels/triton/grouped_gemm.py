@@ -105,7 +105,7 @@ def plan_m_grouped(a: Operand, w: Operand, offsets: torch.Tensor, *, transpose_w
     grid_m = min(M, (M + E * (cfg.block_m - 1)) // cfg.block_m)
     args = dict(
         a_ptr=a_data, b_ptr=w_data, c_ptr=c, offsets_ptr=offsets, a_scale_ptr=a_scale, b_scale_ptr=w_scale,
-        aux_ptr=aux, aux_out_ptr=aux_out, N=N, K=K, E=E, grid_m=grid_m,
+        aux_ptr=aux, aux_out_ptr=aux_out, M=M, N=N, K=K, E=E, grid_m=grid_m,
         stride_am=a_data.stride(0), stride_ak=a_data.stride(1),
         stride_be=w_data.stride(0), stride_bk=stride_bk, stride_bn=stride_bn,
         stride_cm=c.stride(0), stride_cn=c.stride(1),
@@ -134,7 +134,7 @@ def plan_k_grouped(dy: Operand, x: Operand, offsets: torch.Tensor, *, out_dtype:
     cfg = gemm_config("fp8_wgrad" if fp8 else "wgrad", arch)
     args = dict(
         a_ptr=a_data, b_ptr=b_data, c_ptr=c, offsets_ptr=offsets, a_scale_ptr=a_scale, b_scale_ptr=b_scale,
-        N=N, K=K, E=E, stride_am=a_data.stride(0), stride_an=a_data.stride(1),
+        M=a_data.shape[0], N=N, K=K, E=E, stride_am=a_data.stride(0), stride_an=a_data.stride(1),
         stride_bm=b_data.stride(0), stride_bk=b_data.stride(1),
         stride_ce=c.stride(0), stride_cn=c.stride(1), stride_ck=c.stride(2),
         stride_asm=a_scale.stride(0) if fp8 else 0, stride_asn=a_scale.stride(1) if fp8 else 0,
