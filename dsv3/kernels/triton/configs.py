@@ -89,11 +89,13 @@ FP8_ARCHS = ("sm89", "sm90")
 
 
 def arch_of(device: torch.device) -> str:
-    """The config row of a CUDA device: sm_80/86/87 -> sm80, sm_89 -> sm89, sm_90 and newer -> sm90."""
+    """The config row of a CUDA device: sm_80/86/87 -> sm80, sm_89 -> sm89, sm_90 and datacenter
+    Blackwell (sm_100/103) -> sm90; consumer Blackwell (sm_120) has Ada's 99 KB of shared memory per
+    block -> sm89. Rows for Blackwell are a guess: only sm_80/89/90 are compiled and checked."""
     major, minor = torch.cuda.get_device_capability(device)
-    if major >= 9:
+    if major in (9, 10):
         return "sm90"
-    if (major, minor) == (8, 9):
+    if (major, minor) == (8, 9) or major >= 11:
         return "sm89"
     if major == 8:
         return "sm80"
