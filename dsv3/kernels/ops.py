@@ -1,23 +1,80 @@
 """The kernel entry points the model calls; each picks an implementation by name.
 
-Implementations of the grouped expert GEMMs:
-- "torch": `torch._grouped_mm` (one call per GEMM, no host sync; fast on CPU and on sm_90+).
-- "reference": the per-expert loop of `reference.py` (for tests).
+Implementations of the grouped expert GEMMs (config key `kernels.grouped_gemm`):
+- "triton": the Triton kernels of `dsv3/kernels/triton` (fp16/bf16; FP8 on sm_89+). CUDA sm_80+, or
+  CPU inside Triton's interpreter (TRITON_INTERPRET=1 set before Python starts; for tests).
+- "torch": `torch._grouped_mm` (one call per GEMM, no host sync; fast on CPU and on sm_90+). No FP8.
+- "reference": the per-expert loop of `reference.py` (for tests; for FP8 the dequantize-then-matmul
+  emulation, which is how the FP8 recipe runs on CPU).
+- "auto": triton on CUDA sm_80+ for fp16/bf16 (FP8: sm_89+), torch on CPU (FP8: reference).
+Asking for an implementation the device cannot run is an error, never a silent fallback.
 """
+import os
+
 import torch
 
 from dsv3.kernels import reference
+from dsv3.kernels.experts import ExpertSwiGLUFP8Function, ExpertSwiGLUFunction, GroupedLinearFunction
+from dsv3.kernels.fp8_format import DEFAULT_AMAX_FLOOR
 
-GROUPED_GEMM_IMPLS = ("auto", "torch", "reference")
+GROUPED_GEMM_IMPLS = ("auto", "triton", "torch", "reference")
+FP8_GROUPED_GEMM_IMPLS = ("auto", "triton", "reference")
 
 
-def resolve_grouped_gemm_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map `kernels.grouped_gemm` to a concrete implementation, or fail naming the allowed values."""
-    if impl not in GROUPED_GEMM_IMPLS:
-        raise ValueError(f"kernels.grouped_gemm={impl!r} is not one of {GROUPED_GEMM_IMPLS}")
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _triton_problem(device: torch.device, dtype: torch.dtype, fp8: bool) -> str | None:
+    """Why the Triton kernels cannot run here, or None."""
+    try:
+        from dsv3.kernels.triton import interpreting
+    except ImportError as exc:
+        return f"the triton package is not importable ({exc})"
+    if not fp8 and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"activations of dtype {dtype} (accepted: float16, bfloat16, float32)"
+    if interpreting():
+        return None
+    if device.type != "cuda":
+        hint = (" (TRITON_INTERPRET=1 was set after triton had been imported; set it before Python starts)"
+                if os.environ.get("TRITON_INTERPRET") == "1" else "")
+        return (f"device {device} is not CUDA; on CPU the Triton kernels run only in Triton's interpreter, "
+                f"with TRITON_INTERPRET=1 set before Python starts{hint}")
+    cap = _capability(device)
+    if cap < (8, 0):
+        return f"{device} has compute capability {cap[0]}.{cap[1]}; the Triton grouped GEMMs need 8.0 or newer"
+    if fp8 and cap < (8, 9):
+        return f"{device} has compute capability {cap[0]}.{cap[1]}; FP8 tensor cores need 8.9 (Ada) or newer"
+    return None
+
+
+def resolve_grouped_gemm_impl(impl: str, device: torch.device | str, dtype: torch.dtype, fp8: bool = False) -> str:
+    """Map `kernels.grouped_gemm` to a concrete implementation for `device` and activation `dtype`
+    (fp8=True: the FP8 recipe's expert GEMMs), or fail naming the option and the allowed values."""
+    allowed = FP8_GROUPED_GEMM_IMPLS if fp8 else GROUPED_GEMM_IMPLS
+    what = "kernels.grouped_gemm" + (" with FP8 experts" if fp8 else "")
+    if impl not in allowed:
+        raise ValueError(f"{what}={impl!r} is not one of {allowed}")
+    device = torch.device(device)
     if impl == "auto":
-        return "torch"
+        if device.type == "cuda":
+            cap = _capability(device)
+            if fp8 and cap < (8, 9):
+                raise ValueError(f"{what}='auto': {device} has compute capability {cap[0]}.{cap[1]}, FP8 GEMMs "
+                                 f"need 8.9 (Ada) or newer; train in bf16 on this GPU")
+            if (fp8 or dtype in (torch.float16, torch.bfloat16)) and _triton_problem(device, dtype, fp8) is None:
+                return "triton"
+        return "reference" if fp8 else "torch"
+    if impl == "triton":
+        problem = _triton_problem(device, dtype, fp8)
+        if problem is not None:
+            raise ValueError(f"{what}='triton' cannot run here: {problem}. Allowed values: {allowed}")
     return impl
+
+
+def _triton_backend():
+    from dsv3.kernels import triton as triton_kernels
+    return triton_kernels
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -41,9 +98,11 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, impl
     """y[rows of e] = x[rows of e] @ w[e].T for every expert e in one call; differentiable."""
     if impl == "torch":
         return _torch_grouped_linear(x, w, offsets)
+    if impl == "triton":
+        return GroupedLinearFunction.apply(x, w, offsets, _triton_backend())
     if impl == "reference":
         return reference.grouped_linear(x, w, offsets)
-    raise ValueError(f"grouped_linear: unknown implementation {impl!r}")
+    raise ValueError(f"grouped_linear: unknown implementation {impl!r} (resolved ones: triton, torch, reference)")
 
 
 def expert_swiglu_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
@@ -51,5 +110,22 @@ def expert_swiglu_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offs
     """All routed experts on the expert-major rows `x`: down(silu(gate(x)) * up(x))."""
     if impl == "reference":
         return reference.expert_swiglu_mlp(x, w13, w2, offsets)
+    if impl == "triton":
+        return ExpertSwiGLUFunction.apply(x, w13, w2, offsets, _triton_backend())
     h = reference.swiglu(grouped_linear(x, w13, offsets, impl))
     return grouped_linear(h, w2, offsets, impl)
+
+
+def expert_swiglu_mlp_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
+                          impl: str = "triton", *, pow2_scales: bool = False,
+                          amax_floor: float = DEFAULT_AMAX_FLOOR) -> torch.Tensor:
+    """`expert_swiglu_mlp` with FP8 Fprop/Dgrad/Wgrad (fine-grained scales, see `experts.py`).
+    Weights stay in high precision (the masters) and are quantized on every call; the output and
+    dx have x's dtype. impl: "triton" (E4M3 tensor cores) or "reference" (exact emulation)."""
+    if impl == "triton":
+        backend = _triton_backend()
+    elif impl == "reference":
+        backend = reference
+    else:
+        raise ValueError(f"expert_swiglu_mlp_fp8: implementation {impl!r} is not one of ('triton', 'reference')")
+    return ExpertSwiGLUFP8Function.apply(x, w13, w2, offsets, backend, pow2_scales, amax_floor)
