@@ -86,35 +86,38 @@ class Plan:
         return local + (self.ep - 1) * sum(p.numel() for p in self.expert_params.values())
 
     # -- checkpoints: expert slices appear as DTensors sharded on dim 0, so DCP reshards across ep -------
-    def to_global(self, model_sd: dict, optim_sd: dict) -> None:
-        """In place: wrap this rank's expert slices (weights and their optimizer moments) as DTensors."""
+    def to_global(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
+        """Copies of the state dicts with this rank's expert slices (weights and their optimizer moments)
+        as DTensors of the global shape. The inputs are left alone: they share the optimizer's state."""
         if self.mesh is None:
-            return
+            return model_sd, optim_sd
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
-        for name, p in self.expert_params.items():
-            for sd, key in self._expert_entries(model_sd, optim_sd, name):
-                if sd[key].shape == p.shape:  # the moments and the weight, not the scalar step
-                    sd[key] = DTensor.from_local(sd[key], self.mesh, [Replicate(), Shard(0)], run_check=False)
+        def wrap(t: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
+            if t.shape != p.shape:  # the scalar step count
+                return t
+            return DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False)
 
-    def to_local(self, model_sd: dict, optim_sd: dict) -> None:
-        """Inverse of `to_global` (after a load filled the DTensors)."""
+        return self._map_experts(model_sd, optim_sd, wrap)
+
+    def to_local(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
+        """Inverse of `to_global` (after a load filled the DTensors in place)."""
         if self.mesh is None:
-            return
+            return model_sd, optim_sd
         from torch.distributed.tensor import DTensor
 
-        for name in self.expert_params:
-            for sd, key in self._expert_entries(model_sd, optim_sd, name):
-                if isinstance(sd[key], DTensor):
-                    sd[key] = sd[key].to_local()
+        return self._map_experts(model_sd, optim_sd, lambda t, p: t.to_local() if isinstance(t, DTensor) else t)
 
-    @staticmethod
-    def _expert_entries(model_sd: dict, optim_sd: dict, name: str):
-        yield model_sd, name
-        state = optim_sd.get("state", {}).get(name, {})
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                yield state, key
+    def _map_experts(self, model_sd: dict, optim_sd: dict, fn) -> tuple[dict, dict]:
+        model_sd, optim_sd = dict(model_sd), dict(optim_sd)
+        state = dict(optim_sd.get("state", {}))
+        for name, p in self.expert_params.items():
+            model_sd[name] = fn(model_sd[name], p)
+            if name in state:
+                state[name] = {k: fn(v, p) if torch.is_tensor(v) else v for k, v in state[name].items()}
+        if "state" in optim_sd:
+            optim_sd["state"] = state
+        return model_sd, optim_sd
 
 
 def apply_parallel_plan(model: nn.Module, cfg: Config, env: Env) -> Plan:

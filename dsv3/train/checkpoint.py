@@ -31,9 +31,9 @@ class ShardedState(Protocol):
     """How a parallel plan (dsv3.parallel.plan.Plan) maps this rank's state dicts to the global ones:
     sharded tensors become DTensors for DCP, which then reshards across plans."""
 
-    def to_global(self, model_sd: dict, optim_sd: dict) -> None: ...
+    def to_global(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]: ...
 
-    def to_local(self, model_sd: dict, optim_sd: dict) -> None: ...
+    def to_local(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]: ...
 
 
 def step_dir(root: str, step: int) -> str:
@@ -82,7 +82,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.opt
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     if plan is not None:
-        plan.to_global(model_sd, optim_sd)
+        model_sd, optim_sd = plan.to_global(model_sd, optim_sd)
     dcp.save({"model": model_sd, "optim": optim_sd, "train": dict(train_state)}, checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
@@ -113,19 +113,19 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     if optimizer is None:
         model_sd = model.state_dict()
         if plan is not None:
-            plan.to_global(model_sd, {})
+            model_sd, _ = plan.to_global(model_sd, {})
         dcp.load({"model": model_sd}, checkpoint_id=path)
         if plan is not None:
-            plan.to_local(model_sd, {})
+            model_sd, _ = plan.to_local(model_sd, {})
         model.load_state_dict(model_sd)
         return {}
     model_sd, optim_sd = get_state_dict(model, optimizer)
     if plan is not None:
-        plan.to_global(model_sd, optim_sd)
+        model_sd, optim_sd = plan.to_global(model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd, "train": {"step": 0, "consumed_samples": 0}}
     dcp.load(state, checkpoint_id=path)
     if plan is not None:
-        plan.to_local(state["model"], state["optim"])
+        state["model"], state["optim"] = plan.to_local(state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):
