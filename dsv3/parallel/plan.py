@@ -14,7 +14,7 @@ Gradients (loss of the step = mean over the dp ranks of each rank's mean loss L_
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,9 @@ from dsv3.parallel.data_parallel import average_gradients
 from dsv3.parallel.expert_parallel import ExpertParallelDispatcher
 from dsv3.parallel.mesh import Env
 
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
 
 @dataclass
 class Plan:
@@ -34,7 +37,7 @@ class Plan:
 
     dp: int = 1
     ep: int = 1
-    mesh: Optional[object] = None  # DeviceMesh ("edp", "ep") when ep > 1
+    mesh: Optional["DeviceMesh"] = None  # ("edp", "ep") when ep > 1
     expert_params: dict[str, nn.Parameter] = field(default_factory=dict)  # name -> local slice [E/ep, ...]
 
     @property
@@ -66,6 +69,7 @@ class Plan:
             grads = [p.grad for p in dense if p.grad is not None]
             return (torch.nn.utils.clip_grad_norm_(dense, max_norm) if max_norm > 0
                     else torch.nn.utils.get_total_norm(grads))
+
         def sum_of_squares(params: list[nn.Parameter]) -> torch.Tensor:
             return sum((p.grad.float().square().sum() for p in params if p.grad is not None),
                        torch.zeros((), dtype=torch.float32, device=experts[0].device))
