@@ -7,14 +7,15 @@ all-reduces): ~1e-7 relative per step, compounding over a few AdamW steps; 1e-5 
 difference (a wrong expert slice, gradient scale or router count changes the loss at 1e-3).
 """
 import os
-import signal
+import re
 import subprocess
 import time
 
 import pytest
 
 from dsv3.train.checkpoint import latest_checkpoint, step_dir
-from tests.helpers import ROOT, assert_same_losses, read_metrics, run_pretrain, run_torchrun, torchrun_cmd
+from tests.helpers import (ROOT, assert_same_losses, kill_hard, read_metrics, run_pretrain, run_torchrun,
+                           torchrun_cmd)
 
 STEPS = 6
 # bias_update_speed large enough that router bias updates (counts summed over all ranks) move the losses.
@@ -56,9 +57,9 @@ def test_killed_ep2_run_repeats_and_resumes_bit_for_bit(ep2, tmp_path):
     biases and RNG restored on both ranks)."""
     run_dir = str(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # A session of its own: SIGKILL reaches torchrun's workers too.
     proc = subprocess.Popen(torchrun_cmd(2, run_dir, *ARGS, "parallel=ep2"), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = []
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -66,17 +67,17 @@ def test_killed_ep2_run_repeats_and_resumes_bit_for_bit(ep2, tmp_path):
                 break
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        killed = kill_hard(proc)
+    assert len(killed) >= 2, f"the workers had already exited: {killed}"
     before = read_metrics(run_dir)
     assert 2 <= len(before) < STEPS, f"the run was not interrupted mid-way (it logged {len(before)} steps)"
 
     r = checked(run_torchrun(2, run_dir, *ARGS, "parallel=ep2", timeout=300))  # train.resume=auto
-    assert "resumed from" in r.stdout
-    records = read_metrics(run_dir)
+    start = int(re.search(r"resumed from \S+ at step (\d+)", r.stdout).group(1))
+    assert 2 <= start <= len(before)
     reference = {m["step"]: m for m in read_metrics(ep2)}
-    resumed = records[len(before):]
-    assert resumed[-1]["step"] == STEPS and resumed[0]["step"] <= len(before) + 1
+    resumed = read_metrics(run_dir)[len(before):]
+    assert [m["step"] for m in resumed] == list(range(start + 1, STEPS + 1))
     for m in before + resumed:
         for k in KEYS + ("lr",):
             assert m[k] == reference[m["step"]][k], (m["step"], k, m[k], reference[m["step"]][k])
