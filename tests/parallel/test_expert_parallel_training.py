@@ -21,7 +21,9 @@ STEPS = 6
 # bias_update_speed large enough that router bias updates (counts summed over all ranks) move the losses.
 ARGS = ["+experiment=moe_tiny", f"train.max_steps={STEPS}", "train.global_batch_size=8", "train.micro_batch_size=2",
         "checkpoint.every=2", "checkpoint.keep=0", "train.bias_update_speed=0.01"]
-KEYS = ("loss", "mtp_loss", "max_vio")
+# grad_norm: AdamW is nearly invariant to a gradient's scale, so a wrongly scaled expert gradient barely
+# moves the losses; the global gradient norm shows it at once.
+KEYS = ("loss", "mtp_loss", "max_vio", "grad_norm")
 
 
 def checked(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
