@@ -1,6 +1,7 @@
 """Running the real entry points as users do: subprocesses, with their exit codes and run directories."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,3 +42,30 @@ def assert_same_losses(reference: list[dict], other: list[dict], rtol: float, ke
     for a, b in zip(reference, other):
         for k in keys:
             assert abs(a[k] - b[k]) <= rtol * abs(a[k]), (a["step"], k, a[k], b[k])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        for child in children:
+            found += [child] + descendants(child)
+    return found
+
+
+def kill_hard(proc: subprocess.Popen) -> list[int]:
+    """SIGKILL a launcher and every process under it, as a machine failure would; returns the pids killed
+    below it. (torchrun starts its workers in sessions of their own, so killing its group misses them.)"""
+    below = descendants(proc.pid)
+    for pid in [proc.pid] + below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    return below

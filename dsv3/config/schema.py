@@ -79,7 +79,12 @@ class ParallelConfig:
     dp: int = -1
     """Data-parallel degree; -1 = whatever the world size leaves after the other dimensions."""
     ep: int = 1
-    """Expert-parallel degree (inside the data-parallel ranks, as in V3)."""
+    """Expert-parallel degree (inside the data-parallel ranks, as in V3): each MoE layer's routed experts
+    are split into `ep` contiguous slices over `ep` consecutive ranks; must divide the dp size and
+    `model.n_routed_experts`. With expert groups, groups must align with rank boundaries."""
+    expert_align: int = 1
+    """With ep > 1: each local expert's received rows are padded to a multiple of this for the grouped
+    GEMM (DeepGEMM's contiguous layout: 128); 1 = no padding (CPU)."""
     pp: int = 1
     """Pipeline-parallel degree (number of pipeline ranks)."""
     pp_schedule: str = "1f1b"

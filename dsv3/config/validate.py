@@ -78,6 +78,24 @@ def validate_model(m: Any) -> None:
                  f"YaRN supports at most model.original_seq_len * model.rope_factor = {limit} positions")
 
 
+def validate_expert_parallel(m: Any, p: Any, dp: int) -> None:
+    """EP splits every MoE layer's experts into `ep` contiguous slices over consecutive dp ranks."""
+    _require(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    _require(m.n_routed_experts % p.ep == 0, "parallel.ep", p.ep,
+             f"must divide model.n_routed_experts ({m.n_routed_experts}): each rank holds an equal slice")
+    _require(dp % p.ep == 0, "parallel.ep", p.ep,
+             f"must divide the data-parallel size ({dp}): EP groups are made of data-parallel ranks")
+    _require(p.expert_align >= 1, "parallel.expert_align", p.expert_align, "must be >= 1 (1 = no padding)")
+    if p.ep > 1 and m.n_expert_groups > 1:
+        # Node-limited routing (V3 §2.1.2): a token uses experts of at most n_limited_groups groups. With
+        # contiguous groups and contiguous slices per rank, that bounds the ranks (or nodes of ep/groups
+        # ranks) a token is sent to only if group boundaries fall on rank boundaries.
+        g = m.n_expert_groups
+        _require(g % p.ep == 0 or p.ep % g == 0, "model.n_expert_groups", g,
+                 f"must be a multiple or a divisor of parallel.ep ({p.ep}), so that expert groups align with "
+                 "the ranks holding them (node-limited routing)")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check every cross-field rule; raise ConfigError naming the first offending key."""
     m, d, t, o, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.parallel
@@ -112,11 +130,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(len(phase) == 2 and phase[0] >= 0 and phase[1] >= 0, "optim.tail", list(o.tail),
                  "must be a list of [steps, lr] pairs")
 
-    _require(p.ep == 1, "parallel.ep", p.ep, "expert parallelism is not available yet; use 1")
     _require(p.pp == 1, "parallel.pp", p.pp, "pipeline parallelism is not available yet; use 1")
     dp = world_size if p.dp == -1 else p.dp
     _require(dp >= 1 and dp * p.pp == world_size, "parallel.dp", p.dp,
              f"dp * pp must equal the world size ({world_size}); -1 infers dp")
+    validate_expert_parallel(m, p, dp)
 
     _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "must be > 0")

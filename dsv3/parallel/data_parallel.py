@@ -11,10 +11,13 @@ BUCKET_NUMEL = 25_000_000
 
 
 @torch.no_grad()
-def average_gradients(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None) -> None:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+def average_gradients(params: Iterable[torch.nn.Parameter], group: Optional[dist.ProcessGroup] = None,
+                      divisor: Optional[int] = None) -> None:
+    """Sum the gradients over `group` and divide by `divisor` (default: the group's size, i.e. average)."""
+    if divisor is None and (not dist.is_initialized() or dist.get_world_size(group) == 1):
         return
-    world = dist.get_world_size(group)
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    divisor = world if divisor is None else divisor
     params = list(params)
     for p in params:  # every rank must put the same tensors into the same buckets
         if p.grad is None:
@@ -25,8 +28,9 @@ def average_gradients(params: Iterable[torch.nn.Parameter], group: Optional[dist
         bucket.append(g)
         if sum(b.numel() for b in bucket) >= BUCKET_NUMEL or i == len(grads) - 1:
             flat = torch.cat([b.reshape(-1).float() for b in bucket])
-            dist.all_reduce(flat, group=group)
-            flat /= world
+            if world > 1:
+                dist.all_reduce(flat, group=group)
+            flat /= divisor
             for b, chunk in zip(bucket, flat.split([b.numel() for b in bucket])):
                 b.copy_(chunk.view_as(b))
             bucket = []

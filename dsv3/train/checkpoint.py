@@ -3,13 +3,15 @@
 Layout: `<dir>/step_00000120/` holds the DCP files (model, optimizer, train state), `rng_rank{r}.pt`
 per rank, and `config.yaml`. A save is written into `step_00000120.tmp/` and renamed when every
 rank has finished, so a crash mid-save leaves only a `.tmp` directory, which is never picked up.
+Sharded parameters (expert slices under expert parallelism) and their optimizer moments are stored
+by their global shape, so a checkpoint loads under any plan.
 """
 import logging
 import os
 import re
 import shutil
 import warnings
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,15 @@ log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load that it is "assuming the intent" of a single process: it is.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class ShardedState(Protocol):
+    """How a parallel plan (dsv3.parallel.plan.Plan) maps this rank's state dicts to the global ones:
+    sharded tensors become DTensors for DCP, which then reshards across plans."""
+
+    def to_global(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]: ...
+
+    def to_local(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]: ...
 
 
 def step_dir(root: str, step: int) -> str:
@@ -61,7 +72,7 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: dict,
-                    config_yaml: str, keep: int = 0) -> str:
+                    config_yaml: str, keep: int = 0, plan: Optional[ShardedState] = None) -> str:
     rank = dist.get_rank() if dist.is_initialized() else 0
     final, tmp = step_dir(root, step), step_dir(root, step) + ".tmp"
     if rank == 0:
@@ -70,6 +81,8 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.opt
         os.makedirs(tmp)
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if plan is not None:
+        model_sd, optim_sd = plan.to_global(model_sd, optim_sd)
     dcp.save({"model": model_sd, "optim": optim_sd, "train": dict(train_state)}, checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if rank == 0:
@@ -92,17 +105,27 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(step_dir(root, s), ignore_errors=True)
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    """Restore model (and optimizer, RNG) in place; returns the saved train state (step, samples consumed)."""
+def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    plan: Optional[ShardedState] = None) -> dict:
+    """Restore model (and optimizer, RNG) in place; returns the saved train state (step, samples consumed).
+    `plan`: the parallel plan the model was sharded by (None: the model holds every parameter whole)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     if optimizer is None:
         model_sd = model.state_dict()
+        if plan is not None:
+            model_sd, _ = plan.to_global(model_sd, {})
         dcp.load({"model": model_sd}, checkpoint_id=path)
+        if plan is not None:
+            model_sd, _ = plan.to_local(model_sd, {})
         model.load_state_dict(model_sd)
         return {}
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    if plan is not None:
+        model_sd, optim_sd = plan.to_global(model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd, "train": {"step": 0, "consumed_samples": 0}}
     dcp.load(state, checkpoint_id=path)
+    if plan is not None:
+        state["model"], state["optim"] = plan.to_local(state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):

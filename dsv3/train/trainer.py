@@ -18,8 +18,8 @@ from dsv3.config.schema import Config
 from dsv3.data import GlobalSampler, PackedDataset, shard_directory
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
-from dsv3.parallel.data_parallel import average_gradients
 from dsv3.parallel.mesh import Env, all_reduce_mean, all_reduce_sum
+from dsv3.parallel.plan import apply_parallel_plan
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -60,6 +60,12 @@ class Trainer:
         self.sampler = GlobalSampler(len(self.train_data), t.seed)
 
         self.model = build_model(cfg, env.device)
+        resume = self._resume_path()
+        if resume is None and cfg.checkpoint.init_from is not None:
+            # Before the plan: the weights are loaded whole, and the plan slices them like initialized ones.
+            load_initial_weights(cfg.checkpoint.init_from, self.model, cfg.model)
+            log.info("initialized weights from %s", cfg.checkpoint.init_from)
+        self.plan = apply_parallel_plan(self.model, cfg, env)
         self.moe_layers = self.model.moe_layers()
         o = cfg.optim
         self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
@@ -68,29 +74,25 @@ class Trainer:
         self.autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.precision.dtype == "bf16"
                          else contextlib.nullcontext())
         self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps)
-        self._restore()
+        if resume is not None:
+            saved = load_checkpoint(resume, self.model, self.optimizer, self.plan)
+            self.state = TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
+            log.info("resumed from %s at step %d", resume, self.state.step)
         if env.is_main:
-            n_params = sum(p.numel() for p in self.model.parameters())
+            n_params = self.plan.global_numel(self.model)
             log.info("model: %.2fM parameters, %d MoE layers; data: %d train / %d val samples of %d tokens; "
                      "device %s, %s, world size %d", n_params / 1e6, len(self.moe_layers), len(self.train_data),
                      len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype, env.world_size)
 
     # -- state -------------------------------------------------------------------------------------------
-    def _restore(self) -> None:
-        c, resume = self.cfg.checkpoint, self.cfg.train.resume
-        path = latest_checkpoint(c.dir) if resume == "auto" else (None if resume == "none" else resume)
-        if path is not None:
-            saved = load_checkpoint(path, self.model, self.optimizer)
-            self.state = TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
-            log.info("resumed from %s at step %d", path, self.state.step)
-        elif c.init_from is not None:
-            load_initial_weights(c.init_from, self.model, self.cfg.model)
-            log.info("initialized weights from %s", c.init_from)
+    def _resume_path(self) -> str | None:
+        resume = self.cfg.train.resume
+        return latest_checkpoint(self.cfg.checkpoint.dir) if resume == "auto" else (None if resume == "none" else resume)
 
     def save(self) -> None:
         path = save_checkpoint(self.cfg.checkpoint.dir, self.state.step, self.model, self.optimizer,
                                asdict(self.state), OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-                               keep=self.cfg.checkpoint.keep)
+                               keep=self.cfg.checkpoint.keep, plan=self.plan)
         log.info("saved %s", path)
 
     # -- steps -------------------------------------------------------------------------------------------
@@ -118,10 +120,8 @@ class Trainer:
             balance = sum((m.last_balance_loss.to(sums.device) for m in self.moe_layers), torch.zeros_like(sums[0]))
             sums += torch.stack([parts.main.detach().float(), mtp.detach().float(), balance]) / n_micro
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        average_gradients(params)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip) if cfg.optim.grad_clip > 0
-                     else torch.nn.utils.get_total_norm([p.grad for p in params]))
+        self.plan.reduce_gradients(self.model)
+        grad_norm = self.plan.clip_grad_norm(self.model, cfg.optim.grad_clip)
         lr = schedules.learning_rate(st.step, cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -142,12 +142,17 @@ class Trainer:
         n = min(len(self.val_data), t.val_batches * t.micro_batch_size * self.dp)
         mine = list(range(self.dp_rank, n, self.dp))
         self.model.eval()
+        chunks = [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+        if self.plan.ep > 1:  # every forward exchanges tokens: all ranks run as many as the busiest one
+            busiest = -(-n // self.dp)
+            chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
         total = torch.zeros(2, device=self.env.device)
-        for i in range(0, len(mine), t.micro_batch_size):
-            batch = self.val_data.batch(mine[i:i + t.micro_batch_size]).to(self.env.device)
+        for chunk in chunks:
+            batch = self.val_data.batch(chunk or [0]).to(self.env.device)  # [0]: a filler, not counted
             with self.autocast:
                 loss = self.model.main_loss(self.model.hidden(batch[:, :-1]), batch[:, 1:])
-            total += torch.stack([loss.float() * batch.shape[0], torch.tensor(float(batch.shape[0]))])
+            if chunk:
+                total += torch.stack([loss.float() * batch.shape[0], torch.tensor(float(batch.shape[0]))])
         all_reduce_sum(total)
         return (total[0] / total[1]).item()
 

@@ -17,6 +17,9 @@ BAD = {
     "unknown_grouped_gemm": (["kernels.grouped_gemm=cublas"], "kernels.grouped_gemm"),
     "batch_not_divisible": (["train.global_batch_size=6", "train.micro_batch_size=4"], "train.global_batch_size"),
     "dense_layers_beyond_layers": (["model.n_dense_layers=9"], "model.n_dense_layers"),
+    "ep_not_dividing_experts": (["parallel.ep=3"], "parallel.ep"),
+    "ep_beyond_one_process": (["parallel.ep=2"], "parallel.ep"),
+    "expert_align_zero": (["parallel.expert_align=0"], "parallel.expert_align"),
 }
 
 
@@ -35,3 +38,34 @@ def test_valid_config_passes_validation():
     from dsv3.config.schema import Config
 
     validate(Config())
+
+
+@pytest.mark.parametrize("world,overrides,key,allowed", [
+    (4, {"parallel.ep": 3}, "parallel.ep", "must divide model.n_routed_experts (8)"),
+    (6, {"parallel.ep": 4}, "parallel.ep", "must divide the data-parallel size (6)"),
+    (6, {"parallel.ep": 3, "model.n_expert_groups": 2, "model.n_routed_experts": 6, "model.n_activated_experts": 1},
+     "model.n_expert_groups", "must be a multiple or a divisor of parallel.ep (3)"),
+])
+def test_expert_parallel_rules_name_the_key(world, overrides, key, allowed):
+    """Rules that need a world size > 1, checked directly (a subprocess would have to start the ranks)."""
+    from dsv3.config import ConfigError, validate
+    from dsv3.config.schema import Config
+
+    cfg = Config()
+    for name, value in overrides.items():
+        section, field = name.split(".")
+        setattr(getattr(cfg, section), field, value)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=world)
+    assert err.value.key == key and allowed in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("world,ep,groups", [(2, 2, 1), (4, 2, 4), (4, 4, 2), (8, 4, 4)])
+def test_expert_parallel_layouts_that_align_pass(world, ep, groups):
+    from dsv3.config import validate
+    from dsv3.config.schema import Config
+
+    cfg = Config()
+    cfg.parallel.ep, cfg.model.n_expert_groups = ep, groups
+    cfg.train.micro_batch_size = 1
+    validate(cfg, world_size=world)
