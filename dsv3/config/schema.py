@@ -169,8 +169,8 @@ class TrainConfig:
     """Log a progress line and a metrics.jsonl record every this many steps."""
     val_every: int = 0
     """Evaluate the held-out loss every this many steps; 0 = only at the end."""
-    val_batches: int = 4
-    """Micro-batches of held-out data per evaluation."""
+    val_samples: int = 32
+    """Held-out sequences per evaluation: the first ones of the validation split, whatever the plan."""
     resume: str = "auto"
     """`auto`: continue from the latest complete checkpoint in `checkpoint.dir` if any; `none`; or a path."""
     bias_update_speed: float = 0.001

@@ -96,6 +96,20 @@ def validate_expert_parallel(m: Any, p: Any, dp: int) -> None:
                  "the ranks holding them (node-limited routing)")
 
 
+def _check_kernels_run_here(cfg: Config) -> None:
+    """The requested expert GEMM implementation must be able to run on this device (no silent fallback)."""
+    import torch
+
+    from dsv3.kernels.ops import resolve_grouped_gemm_impl
+
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
+    try:
+        resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, "cuda" if use_cuda else "cpu", dtype)
+    except ValueError as e:
+        raise ConfigError("kernels.grouped_gemm", cfg.kernels.grouped_gemm, str(e)) from None
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Check every cross-field rule; raise ConfigError naming the first offending key."""
     m, d, t, o, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.parallel
@@ -105,6 +119,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(cfg.precision.dtype != "fp8", "precision.dtype", cfg.precision.dtype,
              "fp8 training is not available yet; use fp32 or bf16")
     _one_of("kernels.grouped_gemm", cfg.kernels.grouped_gemm, GROUPED_GEMM_IMPLS)
+    _check_kernels_run_here(cfg)
 
     _one_of("data.source", d.source, DATA_SOURCES)
     _require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
@@ -149,7 +164,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                  "must be > 0 when train.batch_ramp_start is set")
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
     _require(t.val_every >= 0, "train.val_every", t.val_every, "must be >= 0")
-    _require(t.val_batches > 0, "train.val_batches", t.val_batches, "must be > 0")
+    _require(t.val_samples > 0, "train.val_samples", t.val_samples, "must be > 0")
     _one_of("train.device", t.device, DEVICES)
     if t.device == "cuda":
         import torch

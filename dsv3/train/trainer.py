@@ -139,7 +139,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean next-token loss on a fixed slice of the held-out split (the same samples for every plan)."""
         t = self.cfg.train
-        n = min(len(self.val_data), t.val_batches * t.micro_batch_size * self.dp)
+        n = min(len(self.val_data), t.val_samples)
         mine = list(range(self.dp_rank, n, self.dp))
         self.model.eval()
         chunks = [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
@@ -152,7 +152,7 @@ class Trainer:
             with self.autocast:
                 loss = self.model.main_loss(self.model.hidden(batch[:, :-1]), batch[:, 1:])
             if chunk:
-                total += torch.stack([loss.float() * batch.shape[0], torch.tensor(float(batch.shape[0]))])
+                total += torch.stack([loss.float() * batch.shape[0], loss.new_tensor(float(batch.shape[0]))])
         all_reduce_sum(total)
         return (total[0] / total[1]).item()
 

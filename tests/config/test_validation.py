@@ -15,6 +15,7 @@ BAD = {
     "missing_data_path": (["data=shards", "data.path=/nonexistent/corpus"], "data.path"),
     "unknown_precision": (["precision.dtype=fp4"], "precision.dtype"),
     "unknown_grouped_gemm": (["kernels.grouped_gemm=cublas"], "kernels.grouped_gemm"),
+    "triton_on_a_cpu": (["kernels.grouped_gemm=triton", "train.device=cpu"], "kernels.grouped_gemm"),
     "batch_not_divisible": (["train.global_batch_size=6", "train.micro_batch_size=4"], "train.global_batch_size"),
     "dense_layers_beyond_layers": (["model.n_dense_layers=9"], "model.n_dense_layers"),
     "ep_not_dividing_experts": (["parallel.ep=3"], "parallel.ep"),

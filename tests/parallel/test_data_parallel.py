@@ -14,3 +14,5 @@ def test_dp2_losses_equal_the_single_process_run(tmp_path):
     # Gradients are averaged in a different order than one process sums them: ~1e-7 relative per step,
     # compounding over 4 steps of AdamW; 1e-5 would catch any real difference (a wrong sample or scale).
     assert_same_losses(read_metrics(single), read_metrics(dp2), rtol=1e-5)
+    # The held-out loss is over the same samples too, however they are split over ranks.
+    assert abs(read_metrics(single)[-1]["val_loss"] - read_metrics(dp2)[-1]["val_loss"]) < 1e-5
