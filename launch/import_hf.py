@@ -25,7 +25,14 @@ def main(argv=None) -> int:
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
     args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.hf_dir, "config.json")):
+        print(f"error: {args.hf_dir} is not a Hugging Face model directory (no config.json)", file=sys.stderr)
+        return 2
     hf_cfg, tensors = load_hf(args.hf_dir)
+    if hf_cfg.get("model_type") != "deepseek_v3":
+        print(f"error: {args.hf_dir} holds a {hf_cfg.get('model_type')!r} model; only deepseek_v3 is supported",
+              file=sys.stderr)
+        return 2
     cfg = model_config_from_hf(hf_cfg)
     if not any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in tensors):
         cfg = dataclasses.replace(cfg, mtp_depth=0)
