@@ -35,7 +35,19 @@ def _why_not_runnable() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_not_runnable() is not None, reason=str(_why_not_runnable()))
+needs_cluster = pytest.mark.skipif(_why_not_runnable() is not None, reason=str(_why_not_runnable()))
+
+
+@pytest.mark.parametrize("script", [SBATCH, CLUSTER])
+def test_scripts_parse(script):
+    r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_sbatch_script_run_outside_slurm_says_how_to_submit_it():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    r = subprocess.run(["bash", SBATCH, "+experiment=moe_tiny"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 2 and "submit this with sbatch" in r.stderr, r.stderr
 
 
 class Cluster:
@@ -48,10 +60,11 @@ class Cluster:
             raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}: {r.stderr.strip()}")
         return r.stdout
 
-    def submit(self, log: str, run_dir: str, *args: str, nodes: int = 1) -> str:
-        """pretrain.sbatch on `nodes` CPU nodes; args are Hydra overrides. Returns the job id."""
+    def submit(self, log: str, run_dir: str | None, *args: str, nodes: int = 1) -> str:
+        """pretrain.sbatch on `nodes` CPU nodes with RUN_DIR=run_dir; args are Hydra overrides. Returns the
+        job id."""
         out = self.run("sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0", f"--output={log}",
-                       SBATCH, *args, env={"RUN_DIR": run_dir})
+                       SBATCH, *args, env={"RUN_DIR": run_dir} if run_dir else {})
         return out.strip().split(";")[0]
 
     def job(self, job_id: str) -> dict:
@@ -130,13 +143,15 @@ def one_node_job(cluster, tmp_path_factory):
     return cluster.submit(log, run_dir, *TINY, nodes=1), log, run_dir
 
 
+@needs_cluster
 def test_time_limit_signal_requeues_the_job_and_it_resumes(cluster, one_node_job, tmp_path):
     """What --signal=B:USR1@300 does before the time limit, sent by hand: without a new checkpoint the
     job keeps running; with one it is requeued and the next attempt resumes from it, in the same run dir."""
     log, run_dir = str(tmp_path / "job.out"), str(tmp_path / "run")
     steps = 12  # ~0.5 s each with a checkpoint: seconds of margin for the signal after the first one
-    job_id = cluster.submit(log, run_dir, "+experiment=moe_tiny", f"train.max_steps={steps}", "train.threads=1",
-                            "checkpoint.every=1", "checkpoint.keep=0")
+    # the run dir as an override this time: the script must find the checkpoints there
+    job_id = cluster.submit(log, None, "+experiment=moe_tiny", f"train.max_steps={steps}", "train.threads=1",
+                            "checkpoint.every=1", "checkpoint.keep=0", f"hydra.run.dir={run_dir}")
     # the header line comes after the trap is set; torch takes seconds to import, so no checkpoint yet
     cluster.wait(job_id, log, until=lambda job: job["JobState"] in FINAL_STATES or "dsv3: job" in _tail(log))
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
@@ -171,6 +186,7 @@ def test_time_limit_signal_requeues_the_job_and_it_resumes(cluster, one_node_job
         assert m["loss"] == again[m["step"]]["loss"], m["step"]
 
 
+@needs_cluster
 def test_one_node_job_completes_and_writes_the_run_dir(cluster, one_node_job):
     job_id, log, run_dir = one_node_job
     job = cluster.wait(job_id, log)
@@ -181,6 +197,7 @@ def test_one_node_job_completes_and_writes_the_run_dir(cluster, one_node_job):
     assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000002"))
 
 
+@needs_cluster
 def test_two_node_job_spans_both_hosts_and_matches_one_process(cluster, one_node_job, tmp_path):
     log, run_dir = str(tmp_path / "job.out"), str(tmp_path / "run")
     job = cluster.wait(cluster.submit(log, run_dir, *TINY, nodes=2), log)
@@ -194,3 +211,13 @@ def test_two_node_job_spans_both_hosts_and_matches_one_process(cluster, one_node
     one_id, one_log, one_run_dir = one_node_job
     _assert_completed(cluster.wait(one_id, one_log), one_log)
     assert_same_losses(read_metrics(one_run_dir), read_metrics(run_dir), rtol=1e-5)
+
+
+@needs_cluster
+def test_job_outside_the_checkout_fails_with_a_clear_error(cluster, tmp_path):
+    log = str(tmp_path / "job.out")
+    out = cluster.run("sbatch", "--parsable", "--gpus-per-node=0", f"--output={log}", SBATCH, *TINY,
+                      env={"DSV3_ROOT": str(tmp_path)})
+    job = cluster.wait(out.strip().split(";")[0], log)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), _tail(log)
+    assert f"{tmp_path}/launch/pretrain.py not found: submit from the dsv3 checkout or set DSV3_ROOT" in _tail(log)
