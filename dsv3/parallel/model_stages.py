@@ -24,7 +24,6 @@ from dsv3.parallel.pipeline.executor import Stage
 from dsv3.parallel.pipeline.partition import n_stages, partition_layers, rank_stages
 
 
-@dataclass(frozen=True)
 class StageLayout:
     """Which layers each stage holds and which stages each pipeline rank holds.
 
@@ -33,18 +32,14 @@ class StageLayout:
     costs a lookup and counts nothing.
     """
 
-    schedule: str
-    pp: int
-    n_layers: int
-    mtp_depth: int
-
-    @property
-    def n_stages(self) -> int:
-        return n_stages(self.schedule, self.pp)
-
-    @property
-    def ranges(self) -> list[range]:
-        return partition_layers(self.n_layers, self.n_stages, 0.0, float(self.mtp_depth))
+    def __init__(self, schedule: str, pp: int, n_layers: int, mtp_depth: int):
+        self.schedule, self.pp, self.n_layers, self.mtp_depth = schedule, pp, n_layers, mtp_depth
+        self.n_stages = n_stages(schedule, pp)
+        self.ranges = partition_layers(n_layers, self.n_stages, 0.0, float(mtp_depth))
+        self._holders: dict[str, tuple[int, ...]] = {}
+        for rank in range(pp):
+            for module in sorted(self.modules_of_rank(rank)):
+                self._holders[module] = self._holders.get(module, ()) + (rank,)
 
     def stages_of(self, rank: int) -> list[int]:
         return rank_stages(self.schedule, self.pp, rank)
@@ -62,13 +57,12 @@ class StageLayout:
         return {name for s in self.stages_of(rank) for name in self.modules_of_stage(s)}
 
     def holders(self, tensor_name: str) -> tuple[int, ...]:
-        """The pipeline ranks holding a copy of the parameter or buffer `tensor_name`."""
+        """The pipeline ranks holding a copy of the parameter, buffer or submodule `tensor_name`."""
         parts = tensor_name.split(".")
         module = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-        ranks = tuple(r for r in range(self.pp) if module in self.modules_of_rank(r))
-        if not ranks:
+        if module not in self._holders:
             raise ValueError(f"{tensor_name}: no pipeline stage holds module {module!r}")
-        return ranks
+        return self._holders[module]
 
 
 @dataclass

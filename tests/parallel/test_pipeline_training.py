@@ -99,7 +99,8 @@ def test_pp2_checkpoint_resumes_at_pp1_and_pp1_checkpoint_at_pp2(single, pipelin
     """DCP by global names: a checkpoint written by pipeline stages (one copy of the replicated
     embedding, each stage's weights, AdamW moments and router biases) loads into the whole model,
     and the whole model's into the stages of DualPipe (two copies of each); each run continues like
-    the run that wrote the checkpoint (wrong or missing moments would move the loss at 1e-3)."""
+    the run that wrote the checkpoint. Step 3's loss checks the restored weights; the held-out loss
+    after step 3's update checks the moments (zeroed moments move it by 1.3e-3)."""
     source = pipelined("pp2-1f1b")
     to_pp1, to_pp2 = str(tmp_path / "pp2_to_pp1"), str(tmp_path / "pp1_to_pp2")
     r1 = checked(run_pretrain(to_pp1, *args, f"train.resume={step_dir(os.path.join(source, 'checkpoints'), 2)}",
