@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 

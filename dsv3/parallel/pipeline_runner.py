@@ -57,15 +57,19 @@ class PipelineRunner:
             if s.loss_fn is not None:
                 yield s.loss_fn
 
-    def train_step(self, micro_batch: Callable[[int], MicroBatch], mtp_weight: float,
+    def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
                    autocast: AbstractContextManager) -> torch.Tensor:
         """Forward and backward of the m micro-batches (gradients accumulate in `.grad`); the
-        stages' forwards run in `autocast`, the MTP losses weigh `mtp_weight`.
+        stages' forwards run in `autocast`, the MTP losses weigh `mtp_weight`. `n_micro` is the
+        caller's m, which scaled the balance-loss coefficient: it must be the schedule's.
 
         `micro_batch(j)` loads micro-batch j; it is called only for the micro-batches whose first
         or last stage runs here. Returns [main CE, MTP CE, balance loss] summed over what this rank
         computed and divided by m: summed over the pipeline ranks it is the replica's mean."""
         m = self.schedule.microbatches
+        if n_micro != m:
+            raise ValueError(f"the step has {n_micro} micro-batches but the {self.schedule.name} schedule "
+                             f"was built for parallel.microbatches={m}")
         inputs: list = [None] * m
         targets: list = [None] * m
         for j in sorted(set(self._first) | set(self._last)):

@@ -119,7 +119,7 @@ class Trainer:
 
         if self.plan.pipeline is not None:
             # main CE, MTP CE, balance loss of what this rank's stages computed
-            sums = self.plan.pipeline.runner.train_step(micro_batch, lam, self.autocast)
+            sums = self.plan.pipeline.runner.train_step(micro_batch, n_micro, lam, self.autocast)
         else:
             sums = self._accumulate(micro_batch, n_micro, lam)
 
