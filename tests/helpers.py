@@ -15,9 +15,11 @@ def pretrain_cmd(run_dir: str, *overrides: str) -> list[str]:
     return [sys.executable, PRETRAIN, f"hydra.run.dir={run_dir}", "train.threads=1", *overrides]
 
 
-def run_pretrain(run_dir: str, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_pretrain(run_dir: str, *overrides: str, timeout: int = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """`env`: variables added to the environment (e.g. WORLD_SIZE, to validate as one rank of a larger run)."""
     return subprocess.run(pretrain_cmd(run_dir, *overrides), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+                          cwd=ROOT, env=None if env is None else {**os.environ, **env})
 
 
 def read_metrics(run_dir: str) -> list[dict]:

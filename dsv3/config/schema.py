@@ -86,11 +86,15 @@ class ParallelConfig:
     """With ep > 1: each local expert's received rows are padded to a multiple of this for the grouped
     GEMM (DeepGEMM's contiguous layout: 128); 1 = no padding (CPU)."""
     pp: int = 1
-    """Pipeline-parallel degree (number of pipeline ranks)."""
+    """Pipeline-parallel degree (number of pipeline ranks); the world is pp x dp ranks, rank = pp_rank * dp +
+    dp_rank. The model's layers are cut into stages (2*pp for dualpipev) of contiguous layers; the first
+    stage also embeds, the last one runs the final norm, the head and MTP. Not combinable with ep > 1 yet."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev."""
-    microbatches: int = 1
-    """Micro-batches per optimizer step and data-parallel rank when pipelining."""
+    """Pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev (see docs/pipeline.md)."""
+    microbatches: int = -1
+    """Micro-batches per optimizer step and data-parallel rank: train.global_batch_size / (train.micro_batch_size
+    * dp). -1 derives it; a value given must equal it. With pp > 1 it is what the schedule is built for
+    (dualpipe: even and >= 2*pp; dualpipev: >= 2*pp), so the batch ramp is not available there."""
 
 
 @dataclass

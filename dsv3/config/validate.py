@@ -5,6 +5,7 @@ Each rule raises `ConfigError(key, value, allowed)`; the launcher prints its one
 import os
 from typing import Any
 
+from dsv3.config.errors import ConfigError
 from dsv3.config.schema import Config
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -13,14 +14,6 @@ DATA_SOURCES = ("stdlib", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 MOMENT_DTYPES = ("fp32", "bf16")
 GROUPED_GEMM_IMPLS = ("auto", "triton", "torch", "reference")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value: which key, what was given, and what is allowed."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid config: {key}={value!r}: {allowed}")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -96,6 +89,44 @@ def validate_expert_parallel(m: Any, p: Any, dp: int) -> None:
                  "the ranks holding them (node-limited routing)")
 
 
+def validate_pipeline_parallel(m: Any, p: Any, t: Any) -> None:
+    """The pipeline rules that need no world size (the schedule's own rules first, where
+    `parallel.microbatches` is given; with -1 they run in `validate_micro_batches`)."""
+    from dsv3.parallel.pipeline.config import SCHEDULE_NAMES, validate_pipeline
+
+    _require(p.pp >= 1, "parallel.pp", p.pp, "must be >= 1 (the number of pipeline ranks)")
+    _one_of("parallel.pp_schedule", p.pp_schedule, SCHEDULE_NAMES)
+    _require(p.microbatches == -1 or p.microbatches >= 1, "parallel.microbatches", p.microbatches,
+             "must be >= 1, or -1 to derive it from the batch sizes")
+    if p.pp == 1:
+        return
+    _require(p.ep == 1, "parallel.ep", p.ep,
+             "must be 1 with parallel.pp > 1: expert parallelism inside pipeline stages is not supported yet")
+    _require(t.batch_ramp_start == 0, "train.batch_ramp_start", t.batch_ramp_start,
+             "must be 0 with parallel.pp > 1: the schedule is built for a fixed number of micro-batches")
+    if p.microbatches != -1:
+        validate_pipeline(p.pp, p.pp_schedule, p.microbatches, m.n_layers)
+
+
+def validate_micro_batches(m: Any, p: Any, t: Any, dp: int) -> None:
+    """parallel.microbatches is the number of micro-batches of the full global batch per dp rank."""
+    from dsv3.parallel.pipeline.config import validate_pipeline
+
+    n = t.global_batch_size // (t.micro_batch_size * dp)
+    how = f"train.global_batch_size / (train.micro_batch_size * dp) = {t.global_batch_size} / " \
+          f"({t.micro_batch_size} * {dp}) = {n}"
+    _require(p.microbatches in (-1, n), "parallel.microbatches", p.microbatches,
+             f"must equal {how}, or be -1 to derive it")
+    if p.pp > 1 and p.microbatches == -1:
+        try:
+            validate_pipeline(p.pp, p.pp_schedule, n, m.n_layers)
+        except ConfigError as e:
+            if e.key != "parallel.microbatches":
+                raise
+            raise ConfigError(e.key, n, f"{e.allowed}; derived as {how}: change the batch sizes or "
+                                        "the schedule") from None
+
+
 def _check_kernels_run_here(cfg: Config) -> None:
     """The requested expert GEMM implementation must be able to run on this device (no silent fallback)."""
     import torch
@@ -145,8 +176,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(len(phase) == 2 and phase[0] >= 0 and phase[1] >= 0, "optim.tail", list(o.tail),
                  "must be a list of [steps, lr] pairs")
 
-    _require(p.pp == 1, "parallel.pp", p.pp, "pipeline parallelism is not available yet; use 1")
-    dp = world_size if p.dp == -1 else p.dp
+    validate_pipeline_parallel(m, p, t)
+    _require(world_size % p.pp == 0, "parallel.pp", p.pp,
+             f"must divide the world size ({world_size}): the world is pp x dp ranks")
+    dp = world_size // p.pp if p.dp == -1 else p.dp
     _require(dp >= 1 and dp * p.pp == world_size, "parallel.dp", p.dp,
              f"dp * pp must equal the world size ({world_size}); -1 infers dp")
     validate_expert_parallel(m, p, dp)
@@ -162,6 +195,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                  f"must be a multiple of micro_batch_size * dp ({unit}) and <= train.global_batch_size")
         _require(t.batch_ramp_samples > 0, "train.batch_ramp_samples", t.batch_ramp_samples,
                  "must be > 0 when train.batch_ramp_start is set")
+    validate_micro_batches(m, p, t, dp)
     _require(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
     _require(t.val_every >= 0, "train.val_every", t.val_every, "must be >= 0")
     _require(t.val_samples > 0, "train.val_samples", t.val_samples, "must be > 0")

@@ -5,6 +5,9 @@ Expert parallelism lives inside the data-parallel ranks, as in DeepSeek-V3: the 
 contiguous slices and exchanges tokens; a column ("edp") holds replicas of the same slice. Every rank
 still trains on its own share of the global batch, so an ep=N run is also N-way data parallel.
 
+Pipeline parallelism (pp > 1) cuts the model into stages over pp ranks, each replicated over dp data-parallel
+ranks; what it needs of the plan lives in `pipeline_plan.PipelinePlan`, to which the methods below defer.
+
 Gradients (loss of the step = mean over the dp ranks of each rank's mean loss L_r):
 - non-expert parameters: rank r holds dL_r/dθ; the mean over all dp ranks is dL/dθ.
 - expert parameters: through the backward of the token exchange, a rank already holds the sum over
@@ -24,7 +27,8 @@ from dsv3.config.schema import Config
 from dsv3.model.moe import Experts, MoE
 from dsv3.parallel.data_parallel import average_gradients
 from dsv3.parallel.expert_parallel import ExpertParallelDispatcher
-from dsv3.parallel.mesh import Env
+from dsv3.parallel.mesh import Env, all_reduce_sum
+from dsv3.parallel.pipeline_plan import PipelinePlan, apply_pipeline
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -39,6 +43,7 @@ class Plan:
     ep: int = 1
     mesh: Optional["DeviceMesh"] = None  # ("edp", "ep") when ep > 1
     expert_params: dict[str, nn.Parameter] = field(default_factory=dict)  # name -> local slice [E/ep, ...]
+    pipeline: Optional[PipelinePlan] = None  # pp > 1: this rank's stages and the rules for replicated tensors
 
     @property
     def ep_group(self) -> Optional[dist.ProcessGroup]:
@@ -55,6 +60,8 @@ class Plan:
 
     def reduce_gradients(self, model: nn.Module) -> None:
         """Turn each rank's gradients of its own loss into the gradient of the global-batch mean loss."""
+        if self.pipeline is not None:
+            return self.pipeline.reduce_gradients(model)
         dense, experts = self._split(model)
         average_gradients(dense)  # over the whole dp group (the default group while pp = 1)
         if experts:
@@ -64,6 +71,8 @@ class Plan:
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Global L2 norm of the gradients (each expert slice counted once, non-expert parameters once);
         scales them to at most `max_norm` when it is > 0. Call after `reduce_gradients`."""
+        if self.pipeline is not None:
+            return self.pipeline.clip_grad_norm(model, max_norm)
         dense, experts = self._split(model)
         if not experts:  # no expert sharding: exactly torch's clipping (the single-process path)
             grads = [p.grad for p in dense if p.grad is not None]
@@ -86,8 +95,25 @@ class Plan:
 
     def global_numel(self, model: nn.Module) -> int:
         """Parameters of the whole model, not only this rank's slices."""
+        if self.pipeline is not None:
+            return self.pipeline.n_params
         local = sum(p.numel() for p in model.parameters())
         return local + (self.ep - 1) * sum(p.numel() for p in self.expert_params.values())
+
+    def global_moe_layers(self, model: nn.Module) -> int:
+        """MoE layers of the whole model, not only this rank's stages."""
+        return len(model.moe_layers()) if self.pipeline is None else len(self.pipeline.moe_index)
+
+    def sum_router_loads(self, loads: torch.Tensor) -> None:
+        """Sum the expert counts of this rank's MoE layers ([layers, experts], in model order) over every
+        rank that routed tokens through the same layer, for the aux-loss-free bias update."""
+        if self.pipeline is not None:
+            return self.pipeline.sum_router_loads(loads)
+        all_reduce_sum(loads)  # every rank holds every router
+
+    def all_layers(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-layer values of this rank's MoE layers -> those of every MoE layer of the model."""
+        return values if self.pipeline is None else self.pipeline.all_layers(values)
 
     # -- checkpoints: expert slices appear as DTensors sharded on dim 0, so DCP reshards across ep -------
     def to_global(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
@@ -113,27 +139,30 @@ class Plan:
         return self._map_experts(model_sd, optim_sd, lambda t, p: t.to_local() if isinstance(t, DTensor) else t)
 
     def _map_experts(self, model_sd: dict, optim_sd: dict, fn) -> tuple[dict, dict]:
+        # optim_sd is flattened by parameter name (dsv3.train.checkpoint): "state.<name>.exp_avg", ...
         model_sd, optim_sd = dict(model_sd), dict(optim_sd)
-        state = dict(optim_sd.get("state", {}))
         for name, p in self.expert_params.items():
             model_sd[name] = fn(model_sd[name], p)
-            if name in state:
-                state[name] = {k: fn(v, p) if torch.is_tensor(v) else v for k, v in state[name].items()}
-        if "state" in optim_sd:
-            optim_sd["state"] = state
+            prefix = f"state.{name}."
+            for key in [k for k in optim_sd if k.startswith(prefix)]:
+                if torch.is_tensor(optim_sd[key]):
+                    optim_sd[key] = fn(optim_sd[key], p)
         return model_sd, optim_sd
 
 
 def apply_parallel_plan(model: nn.Module, cfg: Config, env: Env) -> Plan:
     """Apply `cfg.parallel` to a built, initialized model (before the optimizer is made) and return the
-    plan. With ep = 1 the model is left unchanged (plain data parallelism over the world)."""
+    plan. With pp = ep = 1 the model is left unchanged (plain data parallelism over the world); with pp > 1
+    it is cut to this rank's pipeline stages."""
     p = cfg.parallel
     dp = env.world_size // p.pp
+    if p.pp > 1 and p.ep > 1:  # validation refuses it first
+        raise NotImplementedError(f"parallel.ep={p.ep} with parallel.pp={p.pp}: expert parallelism inside "
+                                  "pipeline stages is not implemented")
+    if p.pp > 1:
+        return Plan(dp=dp, pipeline=apply_pipeline(model, cfg, env, dp))
     if p.ep == 1:
         return Plan(dp=dp)
-    if p.pp != 1:
-        raise NotImplementedError(f"parallel.ep={p.ep} with parallel.pp={p.pp}: the expert mesh is built over "
-                                  "the data-parallel ranks of a single pipeline stage only")
     if dp % p.ep:
         raise ValueError(f"parallel.ep={p.ep} must divide the data-parallel size {dp}")
     from torch.distributed.device_mesh import init_device_mesh

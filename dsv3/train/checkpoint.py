@@ -4,7 +4,10 @@ Layout: `<dir>/step_00000120/` holds the DCP files (model, optimizer, train stat
 per rank, and `config.yaml`. A save is written into `step_00000120.tmp/` and renamed when every
 rank has finished, so a crash mid-save leaves only a `.tmp` directory, which is never picked up.
 Sharded parameters (expert slices under expert parallelism) and their optimizer moments are stored
-by their global shape, so a checkpoint loads under any plan.
+by their global shape, so a checkpoint loads under any plan. The optimizer state is flattened to one
+entry per parameter name ("state.<name>.exp_avg", "param_groups.<name>.lr"): a pipeline rank holds
+only its stages' parameters, and DCP merges per-name entries from all ranks (it keeps one copy of an
+entry several ranks write, so a nested `param_groups` list would survive from one rank only).
 """
 import logging
 import os
@@ -17,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from dsv3.parallel.mesh import barrier
 
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 # DCP warns on every single-process save/load that it is "assuming the intent" of a single process: it is.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 class ShardedState(Protocol):
@@ -80,7 +84,7 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.opt
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an interrupted save
         os.makedirs(tmp)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     if plan is not None:
         model_sd, optim_sd = plan.to_global(model_sd, optim_sd)
     dcp.save({"model": model_sd, "optim": optim_sd, "train": dict(train_state)}, checkpoint_id=tmp)
@@ -119,14 +123,15 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
             model_sd, _ = plan.to_local(model_sd, {})
         model.load_state_dict(model_sd)
         return {}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     if plan is not None:
         model_sd, optim_sd = plan.to_global(model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd, "train": {"step": 0, "consumed_samples": 0}}
     dcp.load(state, checkpoint_id=path)
     if plan is not None:
         state["model"], state["optim"] = plan.to_local(state["model"], state["optim"])
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_OPTIONS)
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))

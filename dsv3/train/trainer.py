@@ -4,6 +4,8 @@ aux-loss-free bias updates, periodic validation, metrics and atomic checkpoints.
 Per-step losses do not depend on the plan: the global batch of a step is the same set of samples
 however it is split over ranks and micro-batches, every micro-batch has the same number of tokens,
 and each rank's share is weighted so that the gradients average to the whole batch's mean loss.
+With pipeline parallelism (parallel.pp > 1) the same micro-batches run through the plan's pipeline
+schedule instead of the accumulation loop; everything around the step is shared.
 """
 import contextlib
 import logging
@@ -18,7 +20,7 @@ from dsv3.config.schema import Config
 from dsv3.data import GlobalSampler, PackedDataset, shard_directory
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
-from dsv3.parallel.mesh import Env, all_reduce_mean, all_reduce_sum
+from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import apply_parallel_plan
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
@@ -81,8 +83,9 @@ class Trainer:
         if env.is_main:
             n_params = self.plan.global_numel(self.model)
             log.info("model: %.2fM parameters, %d MoE layers; data: %d train / %d val samples of %d tokens; "
-                     "device %s, %s, world size %d", n_params / 1e6, len(self.moe_layers), len(self.train_data),
-                     len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype, env.world_size)
+                     "device %s, %s, world size %d", n_params / 1e6, self.plan.global_moe_layers(self.model),
+                     len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype,
+                     env.world_size)
 
     # -- state -------------------------------------------------------------------------------------------
     def _resume_path(self) -> str | None:
@@ -109,16 +112,16 @@ class Trainer:
         for moe in self.moe_layers:  # alpha, scaled like the micro-batch's share of the loss
             moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
         self.model.train()
-        sums = torch.zeros(3, device=self.env.device)  # main CE, MTP CE (mean over depths), balance loss
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
-        for j in range(n_micro):
-            tokens, labels = self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
-            with self.autocast:
-                parts = self.model.losses(tokens, labels)
-            mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
-            ((parts.main + lam * mtp) / n_micro).backward()
-            balance = sum((m.last_balance_loss.to(sums.device) for m in self.moe_layers), torch.zeros_like(sums[0]))
-            sums += torch.stack([parts.main.detach().float(), mtp.detach().float(), balance]) / n_micro
+
+        def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
+
+        if self.plan.pipeline is not None:
+            # main CE, MTP CE, balance loss of what this rank's stages computed
+            sums = self.plan.pipeline.runner.train_step(micro_batch, n_micro, lam, self.autocast)
+        else:
+            sums = self._accumulate(micro_batch, n_micro, lam)
 
         self.plan.reduce_gradients(self.model)
         grad_norm = self.plan.clip_grad_norm(self.model, cfg.optim.grad_clip)
@@ -127,13 +130,29 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t), all_reduce_sum)
+        balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t),
+                                       self.plan.sum_router_loads, self.plan.all_layers)
 
-        all_reduce_mean(sums)
+        all_reduce_sum(sums)  # every (layer, micro-batch) was computed by one rank of each dp replica
+        sums /= self.dp
         st.step += 1
         st.consumed_samples += batch_size
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
                 "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance}
+
+    def _accumulate(self, micro_batch, n_micro: int, lam: float) -> torch.Tensor:
+        """Gradient accumulation over the micro-batches (pp = 1); returns the step's [main CE, MTP CE,
+        balance loss] means on this rank."""
+        sums = torch.zeros(3, device=self.env.device)
+        for j in range(n_micro):
+            tokens, labels = micro_batch(j)
+            with self.autocast:
+                parts = self.model.losses(tokens, labels)
+            mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
+            ((parts.main + lam * mtp) / n_micro).backward()
+            balance = sum((m.last_balance_loss.to(sums.device) for m in self.moe_layers), torch.zeros_like(sums[0]))
+            sums += torch.stack([parts.main.detach().float(), mtp.detach().float(), balance]) / n_micro
+        return sums
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -149,9 +168,12 @@ class Trainer:
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
             batch = self.val_data.batch(chunk or [0]).to(self.env.device)  # [0]: a filler, not counted
-            with self.autocast:
-                loss = self.model.main_loss(self.model.hidden(batch[:, :-1]), batch[:, 1:])
-            if chunk:
+            if self.plan.pipeline is not None:  # the loss is known on the last stage's rank only
+                loss = self.plan.pipeline.runner.forward_loss(batch[:, :-1], batch[:, 1:], self.autocast)
+            else:
+                with self.autocast:
+                    loss = self.model.main_loss(self.model.hidden(batch[:, :-1]), batch[:, 1:])
+            if chunk and loss is not None:
                 total += torch.stack([loss.float() * batch.shape[0], loss.new_tensor(float(batch.shape[0]))])
         all_reduce_sum(total)
         return (total[0] / total[1]).item()

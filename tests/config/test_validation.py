@@ -34,6 +34,68 @@ def test_bad_config_exits_2_naming_the_key(case, tmp_path):
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # no work was done
 
 
+def test_pipeline_config_inconsistent_with_the_batch_exits_2_on_every_rank(tmp_path):
+    """As one rank of a torchrun world of 4 (WORLD_SIZE is all validation reads): pp=2 leaves dp=2, so
+    8 / (4 * 2) = 1 micro-batch per step, not the 4 asked for; the rank stops before joining the group."""
+    r = run_pretrain(str(tmp_path / "run"), "+experiment=moe_tiny", "parallel=pp2", "parallel.microbatches=4",
+                     timeout=120, env={"WORLD_SIZE": "4", "RANK": "3"})
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "parallel.microbatches=4" in lines[0] and "= 1" in lines[0], r.stderr
+
+
+def _config(overrides: dict):
+    from dsv3.config.schema import Config
+
+    cfg = Config()
+    for name, value in overrides.items():
+        section, field = name.split(".")
+        setattr(getattr(cfg, section), field, value)
+    return cfg
+
+
+PIPELINE = {"model.n_layers": 4, "train.global_batch_size": 8, "train.micro_batch_size": 1}
+
+
+@pytest.mark.parametrize("world,overrides,key,allowed", [
+    (2, {"parallel.pp": 2, "parallel.pp_schedule": "gpipe"}, "parallel.pp_schedule", "must be one of 1f1b, zb1p"),
+    (3, {"parallel.pp": 3, "parallel.pp_schedule": "dualpipe"}, "parallel.pp", "dualpipe needs an even pp"),
+    # too few micro-batches, given or derived from the batch sizes
+    (4, {"parallel.pp": 4, "parallel.pp_schedule": "dualpipe", "parallel.microbatches": 4}, "parallel.microbatches",
+     "needs an even number >= 2*pp = 8"),
+    (2, {"parallel.pp": 2, "parallel.pp_schedule": "dualpipev", "train.micro_batch_size": 4},
+     "parallel.microbatches", "needs >= 2*pp = 4; derived as train.global_batch_size / (train.micro_batch_size * "
+                              "dp) = 8 / (4 * 1) = 2"),
+    (8, {"parallel.pp": 8}, "parallel.pp", "makes 8 stages but the model has 4 layers"),
+    (4, {"parallel.pp": 4, "parallel.pp_schedule": "dualpipev"}, "parallel.pp", "makes 8 stages but the model has 4"),
+    (4, {"parallel.pp": 2, "parallel.microbatches": 8}, "parallel.microbatches",
+     "must equal train.global_batch_size / (train.micro_batch_size * dp) = 8 / (1 * 2) = 4"),
+    (4, {"parallel.pp": 3}, "parallel.pp", "must divide the world size (4)"),
+    (4, {"parallel.pp": 2, "parallel.ep": 2}, "parallel.ep", "expert parallelism inside pipeline stages"),
+    (2, {"parallel.pp": 2, "train.batch_ramp_start": 4, "train.batch_ramp_samples": 64}, "train.batch_ramp_start",
+     "must be 0 with parallel.pp > 1"),
+    (1, {"parallel.microbatches": 0}, "parallel.microbatches", "must be >= 1, or -1"),
+])
+def test_pipeline_rules_name_the_key(world, overrides, key, allowed):
+    from dsv3.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(_config({**PIPELINE, **overrides}), world_size=world)
+    assert err.value.key == key and allowed in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("world,overrides", [
+    (2, {"parallel.pp": 2}), (4, {"parallel.pp": 2, "parallel.pp_schedule": "dualpipev"}),  # dp=2: m=4
+    (4, {"parallel.pp": 4, "parallel.pp_schedule": "dualpipe", "parallel.microbatches": 8}),
+    (3, {"parallel.pp": 3, "parallel.pp_schedule": "zb1p", "model.n_layers": 3}),
+    (1, {"parallel.microbatches": 8}),  # pp=1: the accumulation steps, checked too
+])
+def test_pipeline_layouts_that_fit_pass(world, overrides):
+    from dsv3.config import validate
+
+    validate(_config({**PIPELINE, **overrides}), world_size=world)
+
+
 def test_valid_config_passes_validation():
     from dsv3.config import validate
     from dsv3.config.schema import Config

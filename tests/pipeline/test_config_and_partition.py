@@ -3,8 +3,9 @@ import itertools
 
 import pytest
 
+from dsv3.config import ConfigError
 from dsv3.parallel.pipeline import build_schedule
-from dsv3.parallel.pipeline.config import PipelineConfigError, validate_pipeline
+from dsv3.parallel.pipeline.config import validate_pipeline
 from dsv3.parallel.pipeline.partition import (n_stages, partition_layers, rank_stages,
                                               stage_layers)
 
@@ -38,7 +39,7 @@ def test_valid_configs_pass(pp, schedule, m, layers):
 def test_invalid_configs_name_key_value_and_allowed(pp, schedule, m, layers, key, expected):
     with pytest.raises(ValueError, match=expected) as err:
         validate_pipeline(pp, schedule, m, layers)
-    assert isinstance(err.value, PipelineConfigError) and err.value.key == key
+    assert isinstance(err.value, ConfigError) and err.value.key == key
 
 
 def brute_force_best(n_layers, stages, first, last):

@@ -7,7 +7,7 @@
 - `backward_split`: input-gradient / weight-gradient split of a stage's backward (B = I + W);
 - `config`: `validate_pipeline` for the ``parallel.*`` keys; `partition`: layers -> stages.
 """
-from .config import PipelineConfigError, validate_pipeline
+from .config import validate_pipeline
 from .executor import BackwardTask, ForwardTask, PipelineExecutor, Stage, StepResult
 from .generators import SCHEDULES, build_schedule, dualpipe, dualpipev, one_f_one_b, zb1p
 from .partition import n_stages, partition_layers, rank_stages, stage_layers
@@ -15,7 +15,7 @@ from .schedule import Instr, Op, Schedule, ScheduleError, validate_schedule
 from .simulator import Costs, Deadlock, SimResult, check_blocking_comms, simulate
 
 __all__ = [
-    "PipelineConfigError", "validate_pipeline",
+    "validate_pipeline",
     "BackwardTask", "ForwardTask", "PipelineExecutor", "Stage", "StepResult",
     "SCHEDULES", "build_schedule", "dualpipe", "dualpipev", "one_f_one_b", "zb1p",
     "n_stages", "partition_layers", "rank_stages", "stage_layers",

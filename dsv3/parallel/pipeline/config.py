@@ -4,25 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from dsv3.config.errors import ConfigError
+
 SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
-
-
-class PipelineConfigError(ValueError):
-    """Which key, the value given, what is allowed; same fields and message as
-    dsv3.config's ConfigError, so the config validation can re-raise it as one."""
-
-    def __init__(self, key: str, value: Any, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid config: {key}={value!r}: {allowed}")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise PipelineConfigError(key, value, allowed)
+        raise ConfigError(key, value, allowed)
 
 
 def validate_pipeline(pp: int, schedule: str, microbatches: int, n_layers: int) -> None:
-    """Raise `PipelineConfigError` (a ValueError) naming the key, the value and what is allowed if
+    """Raise `dsv3.config.ConfigError` (a ValueError) naming the key, the value and what is allowed if
     the combination cannot run. `n_layers` is the number of transformer layers cut into stages.
 
     Rules: pp >= 1; a known schedule; microbatches >= 1; DualPipe needs an even pp and an even

@@ -1,0 +1,112 @@
+"""A training step of the cut dsv3 model through the pipeline executor, and a forward-only pass.
+
+Loss scale. The executor seeds each micro-batch's loss gradient with 1/m, which is the pp = 1
+trainer's `loss / n_micro`. The MoE balance losses do not pass through the executor: each MoE
+layer adds its own through an autograd side channel whose backward feeds `balance_loss_coeff`,
+and the trainer sets that to alpha / m, the same 1/m share (see dsv3/model/moe.py).
+
+Overlap. The executor's F&B hook stays `sequential_overlap`: on CPU there is nothing to overlap.
+On GPU with expert parallelism inside the stages, a hook for DualPipe's F&B pairs would run the
+forward chunk's MoE dispatch/combine all-to-alls while the backward chunk computes its attention
+and expert GEMMs, and vice versa (DualPipe's `overlapped_forward_backward`); it would be passed as
+`overlap=` to the executor below.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from dsv3.parallel.model_stages import HeadLoss, StepContext
+from dsv3.parallel.pipeline.executor import PipelineExecutor, Stage
+from dsv3.parallel.pipeline.schedule import Schedule
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]   # (tokens [b, S], labels [b, S])
+
+
+class PipelineRunner:
+    """This rank's stages under one schedule.
+
+    Args:
+        schedule: the schedule of every step (m = schedule.microbatches micro-batches).
+        stages: the executor Stages this rank holds (`model_stages.cut_model`).
+        ctx: the StepContext shared with the stage modules.
+        pp_rank, group: this rank's position in the pipeline and the pipeline process group.
+        act_shape: (micro-batch size, seq_len, dim) of the activations between stages.
+    """
+
+    def __init__(self, schedule: Schedule, stages: list[Stage], ctx: StepContext, pp_rank: int,
+                 group: dist.ProcessGroup, act_shape: tuple[int, int, int], device: torch.device):
+        self.schedule, self.stages, self.ctx = schedule, {s.index: s for s in stages}, ctx
+        self.pp_rank, self.group, self.device = pp_rank, group, device
+        # The residual stream stays in the parameters' dtype (fp32 master weights): autocast lowers
+        # GEMM outputs only, and the residual additions promote back.
+        self.executor = PipelineExecutor(schedule, stages, act_shape=act_shape, act_dtype=torch.float32,
+                                         rank=pp_rank, group=group, device=device)
+        last = schedule.n_stages - 1
+        self.head: Optional[HeadLoss] = self.stages[last].loss_fn if last in self.stages else None
+        m = range(schedule.microbatches)
+        self._first = [j for j in m if schedule.rank_of(0, j) == pp_rank]
+        self._last = [j for j in m if schedule.rank_of(last, j) == pp_rank]
+
+    def _modules(self):
+        for s in self.stages.values():
+            yield s.module
+            if s.loss_fn is not None:
+                yield s.loss_fn
+
+    def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
+                   autocast: AbstractContextManager) -> torch.Tensor:
+        """Forward and backward of the m micro-batches (gradients accumulate in `.grad`); the
+        stages' forwards run in `autocast`, the MTP losses weigh `mtp_weight`. `n_micro` is the
+        caller's m, which scaled the balance-loss coefficient: it must be the schedule's.
+
+        `micro_batch(j)` loads micro-batch j; it is called only for the micro-batches whose first
+        or last stage runs here. Returns [main CE, MTP CE, balance loss] summed over what this rank
+        computed and divided by m: summed over the pipeline ranks it is the replica's mean."""
+        m = self.schedule.microbatches
+        if n_micro != m:
+            raise ValueError(f"the step has {n_micro} micro-batches but the {self.schedule.name} schedule "
+                             f"was built for parallel.microbatches={m}")
+        inputs: list = [None] * m
+        targets: list = [None] * m
+        for j in sorted(set(self._first) | set(self._last)):
+            tokens, labels = micro_batch(j)
+            inputs[j], targets[j] = tokens, (tokens, labels)
+        for mod in self._modules():
+            mod.train()
+        t = self.ctx
+        t.clear()
+        t.autocast, t.mtp_weight = autocast, mtp_weight
+        self.executor.step(inputs, targets)
+        zero = torch.zeros((), device=self.device)
+        sums = torch.stack([torch.stack(xs).sum() if xs else zero for xs in (t.main, t.mtp, t.balance)]) / m
+        t.clear()
+        return sums
+
+    @torch.no_grad()
+    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
+                     autocast: AbstractContextManager) -> Optional[torch.Tensor]:
+        """Main next-token CE of one batch through all stages (micro-batch 0's route), no backward:
+        the held-out loss. Returns it on the rank running the last stage, None on the others; every
+        pipeline rank of the data-parallel replica must call it with the same batch shape."""
+        for mod in self._modules():
+            mod.eval()
+        self.ctx.autocast = autocast
+        route, last = self.schedule.route(0), self.schedule.n_stages - 1
+        h = tokens
+        for s, rank in enumerate(route):
+            if rank != self.pp_rank:
+                continue
+            if s > 0 and route[s - 1] != rank:
+                h = torch.empty((*tokens.shape, self.executor.act_shape[-1]), dtype=torch.float32,
+                                device=self.device)
+                dist.recv(h, dist.get_global_rank(self.group, route[s - 1]), group=self.group)
+            h = self.stages[s].module(h)
+            if s == last:
+                return self.head.main_loss(h, labels)
+            if route[s + 1] != rank:
+                dist.send(h.contiguous(), dist.get_global_rank(self.group, route[s + 1]), group=self.group)
+        return None
