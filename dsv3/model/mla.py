@@ -45,7 +45,13 @@ class MLA(nn.Module):
 
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        # Flash-attention kernels (CPU and GPU) need one head dim for q, k and v; MLA's v is narrower
+        # (V3: 128 vs 192), so v is zero-padded and the padding cut from the output. The alternative,
+        # the "math" path, materializes the [S, S] scores and does not skip the masked half.
+        pad = q.shape[-1] - self.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         # Packed documents attend causally across document boundaries, as in the V3 report.
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, scale=self.softmax_scale)
-        return self.wo(o.transpose(1, 2).reshape(B, S, -1))
+        return self.wo(o[..., :self.v_head_dim].transpose(1, 2).reshape(B, S, -1))
