@@ -59,7 +59,7 @@ def describe(recipe: Fp8Recipe, device: torch.device) -> str:
     """One log line saying which path computes the FP8 GEMMs."""
     if recipe.emulated:
         return (f"EMULATED on {device}: quantize to E4M3 -> dequantize -> fp32 matmul (the numerics of an FP8 "
-                f"GEMM with fp32 accumulation, at fp32 speed)")
+                f"GEMM with fp32 accumulation; slower than fp32, no FP8 tensor cores)")
     where = str(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
