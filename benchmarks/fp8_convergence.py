@@ -13,8 +13,9 @@ the held-out loss at the end.
 
 Memory: one forward of the moe_small model at two batch sizes inside `SavedTensorLedger`; the
 difference divided by the token difference is the bytes per token backward keeps (weights, and the
-FP8 weight copies, are per step, not per token, and drop out). Variants: fp32; bf16 autocast; fp8
-(fp32 elsewhere, as on CPU); fp8 with bf16 autocast elsewhere (as on a GPU).
+FP8 weight copies, are per step, not per token, and drop out). Variants: fp32; bf16 (the model cast
+to BF16: BF16 activations, the norms' and the gate's fp32 internals as the code has them); fp8 (fp32
+elsewhere, as it runs on CPU); fp8+bf16 (FP8 GEMMs in a BF16 model, the GPU configuration).
 """
 import argparse
 import json
@@ -141,9 +142,8 @@ def category(module: str, kind: str) -> str:
 FP8_CATEGORIES = ("MLA projections", "dense FFN", "shared experts", "routed experts", "MTP projection")
 
 
-def saved_bytes(model: Transformer, tokens: torch.Tensor, bf16: bool) -> dict[str, int]:
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
-    with SavedTensorLedger(model) as ledger, ctx:
+def saved_bytes(model: Transformer, tokens: torch.Tensor) -> dict[str, int]:
+    with SavedTensorLedger(model) as ledger:
         parts = model.losses(tokens, tokens)
     by_cat = ledger.bytes_by(lambda r: category(r.module, r.kind))
     del parts
@@ -156,11 +156,13 @@ def memory_report(cfg: ModelConfig, seq_len: int, batches=(1, 3)) -> dict:
     for name, (fp8, bf16) in variants.items():
         model = Transformer(cfg)
         init_weights(model, seed=1234, std=cfg.init_std)
+        if bf16:  # activations in BF16 wherever the model computes in the weights' dtype
+            model = model.to(torch.bfloat16)
         if fp8:
             convert_to_fp8(model, Fp8Config(), "reference")
         g = torch.Generator().manual_seed(0)
         tok = {b: torch.randint(0, cfg.vocab_size, (b, seq_len), generator=g) for b in batches}
-        small, large = (saved_bytes(model, tok[b], bf16) for b in batches)
+        small, large = (saved_bytes(model, tok[b]) for b in batches)
         per_token = {c: (large.get(c, 0) - small.get(c, 0)) / ((batches[1] - batches[0]) * seq_len)
                      for c in sorted(set(small) | set(large))}
         per_token["total"] = sum(per_token.values())
@@ -210,9 +212,11 @@ def main() -> None:
         for p in PRECISIONS:
             train(p, args.steps, args.threads)
     runs = {p: read_metrics(os.path.join(RUNS, p)) for p in PRECISIONS}
-    if all(runs.values()):
+    if all(len(runs[p]) == args.steps for p in PRECISIONS):
         report = loss_report(runs, args.tail)
         plot(runs, report, args.plot)
+    else:
+        print(f"no loss report: the runs in {RUNS} logged {[len(runs[p]) for p in PRECISIONS]} of {args.steps} steps")
     memory = None
     if not args.skip_memory:
         import yaml

@@ -30,8 +30,11 @@ class Fp8SwiGLUFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xq = x_fp8 if x_fp8 is not None else recipe.quantize(x, "1x128", x_role)
             w13q, w2q = recipe.quantize(w13, "128x128", "weight"), recipe.quantize(w2, "128x128", "weight")
-            h, gate_up = k.gate_up_swiglu(xq, w13q, offsets, x.dtype, save_gate_up=True)
+            backward = any(ctx.needs_input_grad[:3])  # False in evaluation: nothing to cache
+            h, gate_up = k.gate_up_swiglu(xq, w13q, offsets, x.dtype, save_gate_up=backward)
             y = k.grouped_linear(recipe.quantize(h, "1x128", "linear_in"), w2q, offsets, x.dtype)
+            if not backward:
+                return y
             gate_up = recipe.quantize(gate_up, "1x128", "swiglu_in")
         ctx.save_for_backward(xq.data, xq.scale, w13q.data, w13q.scale, w2q.data, w2q.scale, gate_up.data,
                               gate_up.scale, offsets)

@@ -54,8 +54,9 @@ def dequantize_1x128(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) 
 
 class _Fp8Dispatch(torch.autograd.Function):
     """Send buffer and exchange with the rows in FP8 E4M3 (1x128 tiles, power-of-2 scales), dequantized
-    on receipt (DeepSeek-V3 §3.3: dispatch in FP8). The gradient returns unquantized through the reverse
-    exchange and the permute backward: quantization is treated as the identity (straight-through).
+    on receipt (DeepSeek-V3 §3.3: dispatch in FP8). The gradient returns unquantized, in BF16 (the
+    report's BF16 combine: this backward is one), through the reverse exchange and the permute backward:
+    quantization is treated as the identity (straight-through).
     Returns (dequantized rows, FP8 data, scales); the last two are not differentiable."""
 
     @staticmethod
@@ -73,8 +74,9 @@ class _Fp8Dispatch(torch.autograd.Function):
     def backward(ctx, grad, grad_q, grad_scales):
         (token_row,) = ctx.saved_tensors
         out_splits, in_splits = ctx.splits
-        grad_send = exchange(grad, in_splits, out_splits, ctx.group)
-        return kernels.permute_backward(grad_send, token_row), None, None, None, None, None
+        grad_send = exchange(grad.to(torch.bfloat16), in_splits, out_splits, ctx.group)
+        dx = kernels.permute_backward(grad_send, token_row).to(grad.dtype)  # fp32 accumulation inside
+        return dx, None, None, None, None, None
 
 
 @dataclass
