@@ -176,11 +176,11 @@ def print_tables(report: dict | None, memory: dict | None) -> None:
         print(f"\nloss, last {report['tail']} of {report['steps']} steps:")
         print("| | fp32 | fp8 | relative error |")
         print("|---|---:|---:|---:|")
-        tm = report["tail_mean_loss"]
-        print(f"| mean train loss | {tm['fp32']:.4f} | {tm['fp8']:.4f} | {100 * report['rel_error_of_tail_mean_loss']:+.3f}% |")
+        tm, rel_tail = report["tail_mean_loss"], 100 * report["rel_error_of_tail_mean_loss"]
+        print(f"| mean train loss | {tm['fp32']:.4f} | {tm['fp8']:.4f} | {rel_tail:+.3f}% |")
         print(f"| mean per-step abs. rel. error | | | {100 * report['mean_rel_loss_error_tail']:.3f}% |")
-        fv = report["final_val_loss"]
-        print(f"| final held-out loss | {fv['fp32']:.4f} | {fv['fp8']:.4f} | {100 * report['rel_val_loss_error']:+.3f}% |")
+        fv, rel_val = report["final_val_loss"], 100 * report["rel_val_loss_error"]
+        print(f"| final held-out loss | {fv['fp32']:.4f} | {fv['fp8']:.4f} | {rel_val:+.3f}% |")
         st = report["step_time_s_median"]
         print(f"| median step time (s) | {st['fp32']:.2f} | {st['fp8']:.2f} | |")
     if memory:

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from dsv3.kernels import dispatch as kernels
-from dsv3.kernels.fp8_format import Fp8Tensor, attach_fp8
 from dsv3.kernels.dispatch_reference import QUANT_GROUP
+from dsv3.kernels.fp8_format import Fp8Tensor, attach_fp8
 
 
 def exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
