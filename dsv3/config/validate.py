@@ -102,7 +102,8 @@ def _check_kernels_run_here(cfg: Config) -> None:
 
     from dsv3.kernels.ops import resolve_grouped_gemm_impl
 
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    # train.device=cuda without a visible GPU is reported by the train.device rule below.
+    use_cuda = cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
     dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
     try:
         resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, "cuda" if use_cuda else "cpu", dtype,

@@ -12,7 +12,8 @@ FP8_MIN_CAPABILITY = (8, 9)  # E4M3 tensor cores: Ada (sm_89) and Hopper (sm_90)
 def _uses_cuda(cfg: Config) -> bool:
     import torch
 
-    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    # train.device=cuda without a visible GPU is reported by the train.device rule, not here.
+    return cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
 
 
 def validate_fp8(cfg: Config) -> None:

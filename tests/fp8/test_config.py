@@ -35,6 +35,16 @@ def test_fp8_on_a_gpu_below_sm89_is_refused_naming_precision_dtype(monkeypatch, 
     assert f"{capability[0]}.{capability[1]}" in str(err.value) and "precision=bf16" in str(err.value)
 
 
+def test_fp8_on_cuda_without_a_gpu_is_the_train_device_rule():
+    cfg = fp8_config()
+    cfg.train.device = "cuda"
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.key == "train.device"
+
+
 @pytest.mark.parametrize("capability", [(8, 9), (9, 0)])
 def test_fp8_on_ada_and_hopper_passes_the_device_rule(monkeypatch, capability):
     from dsv3.fp8.validate import validate_fp8
