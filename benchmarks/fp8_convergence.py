@@ -37,6 +37,8 @@ from dsv3.model import Transformer, init_weights  # noqa: E402
 PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
 RUNS = os.path.join(ROOT, "runs", "fp8_convergence")
 PRECISIONS = ("fp32", "fp8")
+# --ablation: fp32 GEMMs with the preset's BF16 AdamW moments, to tell the two changes of the fp8 run apart.
+ABLATION = ("fp32_bf16_moments", ["precision=fp32", "optim.moment_dtype=bf16"])
 WARMUP = 20  # moe_small's warmup_steps
 
 
@@ -49,43 +51,53 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def train(precision: str, steps: int, threads: int) -> str:
-    run_dir = os.path.join(RUNS, precision)
+def train(name: str, overrides: list[str], steps: int, threads: int) -> str:
+    run_dir = os.path.join(RUNS, name)
     if len(read_metrics(run_dir)) == steps:
-        print(f"{precision}: reusing the complete run in {run_dir}")
+        print(f"{name}: reusing the complete run in {run_dir}")
         return run_dir
-    cmd = [sys.executable, PRETRAIN, "+experiment=moe_small", f"precision={precision}", f"hydra.run.dir={run_dir}",
+    cmd = [sys.executable, PRETRAIN, "+experiment=moe_small", *overrides, f"hydra.run.dir={run_dir}",
            f"train.max_steps={steps}", f"optim.decay_steps={steps - WARMUP}", "train.resume=none",
            "train.log_every=1", "train.val_every=50", "checkpoint.every=0", f"train.threads={threads}"]
     print(" ".join(cmd), flush=True)
     start = time.time()
-    with open(os.path.join(RUNS, f"{precision}.log"), "w") as log:
+    with open(os.path.join(RUNS, f"{name}.log"), "w") as log:
         subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True,
                        env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    print(f"{precision}: {steps} steps in {time.time() - start:.0f} s", flush=True)
+    print(f"{name}: {steps} steps in {time.time() - start:.0f} s", flush=True)
     return run_dir
+
+
+def compare(ref: list[dict], other: list[dict], tail: int) -> dict:
+    """Relative loss error of `other` against `ref` (the fp32 run)."""
+    assert [m["step"] for m in ref] == [m["step"] for m in other], "the runs logged different steps"
+    rel = [abs(b["loss"] - a["loss"]) / a["loss"] for a, b in zip(ref, other)]
+    mean_a, mean_b = (sum(m["loss"] for m in run[-tail:]) / tail for run in (ref, other))
+    val_a, val_b = ([m["val_loss"] for m in run if "val_loss" in m][-1] for run in (ref, other))
+    return {"mean_rel_loss_error_tail": sum(rel[-tail:]) / tail, "max_rel_loss_error_tail": max(rel[-tail:]),
+            "rel_error_of_tail_mean_loss": (mean_b - mean_a) / mean_a, "tail_mean_loss": mean_b,
+            "final_val_loss": val_b, "rel_val_loss_error": (val_b - val_a) / val_a}
 
 
 def loss_report(runs: dict[str, list[dict]], tail: int) -> dict:
     ref, fp8 = runs["fp32"], runs["fp8"]
-    assert [m["step"] for m in ref] == [m["step"] for m in fp8], "the runs logged different steps"
-    rel = [abs(b["loss"] - a["loss"]) / a["loss"] for a, b in zip(ref, fp8)]
-    last_a, last_b = ref[-tail:], fp8[-tail:]
-    mean_a = sum(m["loss"] for m in last_a) / tail
-    mean_b = sum(m["loss"] for m in last_b) / tail
-    vals = {p: [(m["step"], m["val_loss"]) for m in runs[p] if "val_loss" in m] for p in PRECISIONS}
-    final_val = {p: vals[p][-1][1] for p in PRECISIONS}
-    return {
+    vs = compare(ref, fp8, tail)
+    mean_a = sum(m["loss"] for m in ref[-tail:]) / tail
+    vals = {p: [(m["step"], m["val_loss"]) for m in run if "val_loss" in m] for p, run in runs.items()}
+    report = {
         "steps": len(ref), "tail": tail,
-        "mean_rel_loss_error_tail": sum(rel[-tail:]) / tail,
-        "max_rel_loss_error_tail": max(rel[-tail:]),
-        "rel_error_of_tail_mean_loss": (mean_b - mean_a) / mean_a,
-        "tail_mean_loss": {"fp32": mean_a, "fp8": mean_b},
-        "val_loss": vals, "final_val_loss": final_val,
-        "rel_val_loss_error": (final_val["fp8"] - final_val["fp32"]) / final_val["fp32"],
-        "first_loss": {p: runs[p][0]["loss"] for p in PRECISIONS},
-        "step_time_s_median": {p: sorted(m["step_time_s"] for m in runs[p])[len(runs[p]) // 2] for p in PRECISIONS},
+        "mean_rel_loss_error_tail": vs["mean_rel_loss_error_tail"],
+        "max_rel_loss_error_tail": vs["max_rel_loss_error_tail"],
+        "rel_error_of_tail_mean_loss": vs["rel_error_of_tail_mean_loss"],
+        "tail_mean_loss": {"fp32": mean_a, "fp8": vs["tail_mean_loss"]},
+        "val_loss": vals, "final_val_loss": {p: vals[p][-1][1] for p in runs},
+        "rel_val_loss_error": vs["rel_val_loss_error"],
+        "first_loss": {p: run[0]["loss"] for p, run in runs.items()},
+        "step_time_s_median": {p: sorted(m["step_time_s"] for m in run)[len(run) // 2] for p, run in runs.items()},
     }
+    if ABLATION[0] in runs:
+        report["ablation_vs_fp32"] = {ABLATION[0]: compare(ref, runs[ABLATION[0]], tail)}
+    return report
 
 
 def plot(runs: dict[str, list[dict]], report: dict, path: str) -> None:
@@ -103,13 +115,17 @@ def plot(runs: dict[str, list[dict]], report: dict, path: str) -> None:
     top.set_title(f"moe_small on the embedded corpus, {report['steps']} steps: fp32 vs FP8 recipe (emulated)")
     top.legend()
     top.grid(alpha=0.3)
-    ref, fp8 = runs["fp32"], runs["fp8"]
-    bottom.plot([m["step"] for m in ref], [100 * (b["loss"] - a["loss"]) / a["loss"] for a, b in zip(ref, fp8)],
-                lw=0.8, color="gray")
+    ref = runs["fp32"]
+    steps = [m["step"] for m in ref]
+    for name, color in (("fp8", "gray"), (ABLATION[0], "tab:blue")):
+        if name in runs:
+            diff = [100 * (b["loss"] - a["loss"]) / a["loss"] for a, b in zip(ref, runs[name])]
+            bottom.plot(steps, diff, lw=0.8, color=color, label=name, alpha=1.0 if name == "fp8" else 0.6)
     bottom.axhline(0, color="black", lw=0.6)
-    for y in (0.25, -0.25):
-        bottom.axhline(y, color="red", lw=0.6, ls=":")
-    bottom.set_ylabel("(fp8 - fp32) / fp32, %")
+    for y in (0.25, -0.25):  # DeepSeek-V3's FP8 validation: relative loss error below 0.25%
+        bottom.axhline(y, color="red", lw=0.6, ls=":", label="±0.25%" if y > 0 else None)
+    bottom.legend(fontsize=8, loc="upper right", ncol=3)
+    bottom.set_ylabel("(run - fp32) / fp32, %")
     bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)
     fig.tight_layout()
@@ -183,6 +199,10 @@ def print_tables(report: dict | None, memory: dict | None) -> None:
         print(f"| final held-out loss | {fv['fp32']:.4f} | {fv['fp8']:.4f} | {rel_val:+.3f}% |")
         st = report["step_time_s_median"]
         print(f"| median step time (s) | {st['fp32']:.2f} | {st['fp8']:.2f} | |")
+        for name, vs in report.get("ablation_vs_fp32", {}).items():
+            print(f"{name} vs fp32: mean train loss of the tail {100 * vs['rel_error_of_tail_mean_loss']:+.3f}%, "
+                  f"mean per-step abs. rel. error {100 * vs['mean_rel_loss_error_tail']:.3f}%, "
+                  f"held-out {100 * vs['rel_val_loss_error']:+.3f}%")
     if memory:
         names = list(memory)
         cats = [c for c in memory["fp32"] if c not in ("total", "FP8-cached modules")]
@@ -201,6 +221,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-train", action="store_true", help="report on existing runs only")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also train fp32 with BF16 AdamW moments (the fp8 preset's other change)")
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "fp8_convergence.json"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "fp8_loss_moe_small.png"))
     args = ap.parse_args()
@@ -208,11 +230,14 @@ def main() -> None:
     os.makedirs(RUNS, exist_ok=True)
 
     report = None
+    variants = {p: [f"precision={p}"] for p in PRECISIONS}
+    if args.ablation:
+        variants[ABLATION[0]] = ABLATION[1]
     if not args.skip_train:
-        for p in PRECISIONS:
-            train(p, args.steps, args.threads)
-    runs = {p: read_metrics(os.path.join(RUNS, p)) for p in PRECISIONS}
-    if all(len(runs[p]) == args.steps for p in PRECISIONS):
+        for name, overrides in variants.items():
+            train(name, overrides, args.steps, args.threads)
+    runs = {name: read_metrics(os.path.join(RUNS, name)) for name in variants}
+    if all(len(runs[p]) == args.steps for p in runs):
         report = loss_report(runs, args.tail)
         plot(runs, report, args.plot)
     else:
