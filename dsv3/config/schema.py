@@ -98,11 +98,40 @@ class ParallelConfig:
 
 
 @dataclass
+class Fp8Config:
+    """DeepSeek-V3's fine-grained FP8 recipe (report §3.3), used when `precision.dtype=fp8` (`dsv3/fp8/`).
+
+    Every GEMM of the MLA projections, the dense FFNs, the shared and the routed experts runs in E4M3
+    (Fprop, Dgrad, Wgrad): activations and their gradients scaled per 1x128 tile along the GEMM's K,
+    weights per 128x128 block, fp32 accumulation promoted every 128 of K. The embedding, the output
+    head, the MoE gates, the norms and the attention core (SDPA) always stay in high precision.
+    """
+
+    pow2_scales: list[str] = field(default_factory=lambda: ["attn_out", "expert_in", "expert_out_grad"])
+    """Tensors whose scales are rounded up to a power of two, so that rescaling them is exact (the
+    report does so where cached 1x128 tiles are re-tiled to 128x1 for Wgrad, and for what dispatch
+    sends in FP8). Any of: `attn_out` (input of MLA's `wo`), `expert_in` (routed experts' input;
+    FP8 dispatch sends it so, required with parallel.ep > 1), `expert_out_grad` (gradient at the
+    routed experts' output), `swiglu_in` (the SwiGLU inputs cached for backward), `linear_in` (every
+    other GEMM input activation), `act_grad` (every other activation gradient), `weight` (weight blocks)."""
+    amax_floor: float = 1e-4
+    """scale = max(amax, amax_floor) / 448: keeps the scale of an all-zero tile finite and non-zero.
+    Must be 1e-4 with parallel.ep > 1 (the FP8 dispatch kernel's floor)."""
+    high_precision: list[str] = field(default_factory=list)
+    """Further modules to keep out of FP8, as fnmatch patterns over module names: an FP8 linear
+    (`layers.*.attn.wkv_b`, `mtp.0.eh_proj`), a SwiGLU FFN (`layers.0.ffn`, `*.shared_experts`) or a
+    layer's routed experts (`layers.3.ffn.experts`). Each pattern must match at least one of them."""
+
+
+@dataclass
 class PrecisionConfig:
     """Numeric format of the forward/backward computation."""
 
     dtype: str = "fp32"
-    """fp32 | bf16 (autocast on GPU) | fp8 (DeepSeek-V3's fine-grained FP8 recipe)."""
+    """fp32 | bf16 (autocast on GPU) | fp8 (DeepSeek-V3's fine-grained FP8 recipe: emulated in fp32 on CPU,
+    Triton E4M3 kernels on CUDA compute capability 8.9+; refused on older GPUs)."""
+    fp8: Fp8Config = field(default_factory=Fp8Config)
+    """The FP8 recipe's options (read only when dtype=fp8)."""
 
 
 @dataclass

@@ -133,10 +133,12 @@ def _check_kernels_run_here(cfg: Config) -> None:
 
     from dsv3.kernels.ops import resolve_grouped_gemm_impl
 
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    # train.device=cuda without a visible GPU is reported by the train.device rule below.
+    use_cuda = cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
     dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
     try:
-        resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, "cuda" if use_cuda else "cpu", dtype)
+        resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, "cuda" if use_cuda else "cpu", dtype,
+                                  fp8=cfg.precision.dtype == "fp8")
     except ValueError as e:
         raise ConfigError("kernels.grouped_gemm", cfg.kernels.grouped_gemm, str(e)) from None
 
@@ -147,8 +149,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     validate_model(m)
 
     _one_of("precision.dtype", cfg.precision.dtype, PRECISIONS)
-    _require(cfg.precision.dtype != "fp8", "precision.dtype", cfg.precision.dtype,
-             "fp8 training is not available yet; use fp32 or bf16")
+    from dsv3.fp8.validate import validate_fp8  # the FP8 recipe's rules (device, options)
+
+    validate_fp8(cfg)
     _one_of("kernels.grouped_gemm", cfg.kernels.grouped_gemm, GROUPED_GEMM_IMPLS)
     _check_kernels_run_here(cfg)
 

@@ -64,3 +64,22 @@ def check_fp8(t: Fp8Tensor, tiling: str, name: str) -> None:
     if tuple(t.scale.shape) != expected:
         raise ValueError(f"{name}: a {tiling}-quantized tensor of shape {tuple(t.data.shape)} needs scales of "
                          f"shape {expected}, got {tuple(t.scale.shape)}")
+
+
+# An FP8 dispatch (expert parallelism) receives rows as FP8 and must still hand the experts an ordinary
+# differentiable tensor (the MoE layer is tensor-in, tensor-out). It attaches the FP8 rows it received to
+# that tensor, so that FP8 experts use them as they are instead of quantizing the rows a second time.
+_ATTACHED = "_dsv3_fp8_rows"
+
+
+def attach_fp8(x: torch.Tensor, q: Fp8Tensor) -> torch.Tensor:
+    """Record that `x` equals `q` dequantized (1x128 tiles); returns x."""
+    if tuple(q.data.shape) != tuple(x.shape):
+        raise ValueError(f"attach_fp8: FP8 rows of shape {tuple(q.data.shape)} for a tensor of shape {tuple(x.shape)}")
+    setattr(x, _ATTACHED, q)
+    return x
+
+
+def attached_fp8(x: torch.Tensor) -> Fp8Tensor | None:
+    """The FP8 rows `attach_fp8` recorded on this very tensor object, or None."""
+    return getattr(x, _ATTACHED, None)

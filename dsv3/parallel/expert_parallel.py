@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from dsv3.kernels import dispatch as kernels
 from dsv3.kernels.dispatch_reference import QUANT_GROUP
+from dsv3.kernels.fp8_format import Fp8Tensor, attach_fp8
 
 
 def exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
@@ -53,8 +54,10 @@ def dequantize_1x128(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) 
 
 class _Fp8Dispatch(torch.autograd.Function):
     """Send buffer and exchange with the rows in FP8 E4M3 (1x128 tiles, power-of-2 scales), dequantized
-    on receipt (DeepSeek-V3 §3.3: dispatch in FP8). The gradient returns unquantized through the reverse
-    exchange and the permute backward: quantization is treated as the identity (straight-through)."""
+    on receipt (DeepSeek-V3 §3.3: dispatch in FP8). The gradient returns unquantized, in BF16 (the
+    report's BF16 combine: this backward is one), through the reverse exchange and the permute backward:
+    quantization is treated as the identity (straight-through).
+    Returns (dequantized rows, FP8 data, scales); the last two are not differentiable."""
 
     @staticmethod
     def forward(ctx, x, send_token, token_row, out_splits, in_splits, group):
@@ -64,14 +67,16 @@ class _Fp8Dispatch(torch.autograd.Function):
         scales = exchange(scales, out_splits, in_splits, group)
         ctx.save_for_backward(token_row)
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        return dequantize_1x128(q, scales, x.dtype)
+        ctx.mark_non_differentiable(q, scales)
+        return dequantize_1x128(q, scales, x.dtype), q, scales
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_q, grad_scales):
         (token_row,) = ctx.saved_tensors
         out_splits, in_splits = ctx.splits
-        grad_send = exchange(grad, in_splits, out_splits, ctx.group)
-        return kernels.permute_backward(grad_send, token_row), None, None, None, None, None
+        grad_send = exchange(grad.to(torch.bfloat16), in_splits, out_splits, ctx.group)
+        dx = kernels.permute_backward(grad_send, token_row).to(grad.dtype)  # fp32 accumulation inside
+        return dx, None, None, None, None, None
 
 
 @dataclass
@@ -92,7 +97,10 @@ class ExpertParallelDispatcher:
     GEMM's row alignment, e.g. 128 for DeepGEMM's contiguous layout; 1 on CPU). Padding rows give zero
     outputs and zero weight gradients and are never sent back.
     `fp8`: send the dispatched rows in FP8 with 1x128 power-of-2 scales (the FP8 recipe switches it
-    on); the experts then get the dequantized rows.
+    on). The experts get the dequantized rows, with the received FP8 rows attached
+    (`fp8_format.attach_fp8`): FP8 experts compute on those directly, without quantizing again. The
+    expert outputs go back in BF16 (the report's BF16 combine; accumulation stays fp32) and so does
+    their gradient.
     """
 
     def __init__(self, group, n_experts: int, align: int = 1, fp8: bool = False):
@@ -116,8 +124,10 @@ class ExpertParallelDispatcher:
         send_rows, pairs_sent = layout.tokens_per_rank.tolist(), layout.pairs_per_rank.tolist()
         recv_rows, pairs_received = received[:, 0].tolist(), received[:, 1].tolist()
 
+        recv_q = None
         if self.fp8:
-            recv_x = _Fp8Dispatch.apply(x, layout.send_token, layout.token_row, recv_rows, send_rows, self.group)
+            recv_x, recv_q, recv_s = _Fp8Dispatch.apply(x, layout.send_token, layout.token_row, recv_rows, send_rows,
+                                                        self.group)
         else:
             send_x = kernels.permute(x, layout.send_token, layout.token_row)
             recv_x = _Exchange.apply(send_x, recv_rows, send_rows, self.group)
@@ -133,6 +143,8 @@ class ExpertParallelDispatcher:
             offsets = torch.zeros_like(offsets)
             offsets[-1] = 1
         rows = kernels.permute(recv_x, src, em.token_row)
+        if recv_q is not None:  # the same regrouping of the FP8 data and scales (byte copies; padding: zeros)
+            attach_fp8(rows, Fp8Tensor(kernels.gather_rows(recv_q, src), kernels.gather_rows(recv_s, src)))
         back = em.pair_row[recv_topk >= 0]  # (source, row, k) order: what each source expects back, in order
         back_inverse = kernels.invert_index(back, rows.shape[0]).unsqueeze(1)
         return rows, offsets.to(torch.int32), _State(layout, back, back_inverse, pairs_sent, pairs_received)
@@ -140,6 +152,8 @@ class ExpertParallelDispatcher:
     def combine(self, y: torch.Tensor, weights: torch.Tensor, state: _State) -> torch.Tensor:
         """y [rows, dim] expert outputs in dispatch's row order, weights [T, K] fp32 -> [T, dim]."""
         y_ret = kernels.permute(y, state.back, state.back_inverse)
+        if self.fp8:
+            y_ret = y_ret.to(torch.bfloat16)  # combine in BF16 (DeepSeek-V3 §3.3.3), forward and backward
         y_back = _Exchange.apply(y_ret, state.pairs_sent, state.pairs_received, self.group)
         lay = state.layout
         return kernels.combine(y_back, lay.pair_pos, lay.pair_src, weights, out_dtype=y.dtype)

@@ -43,7 +43,13 @@ def build_model(cfg: Config, device: torch.device) -> Transformer:
     impl = resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, device, compute_dtype)
     model = Transformer(cfg.model, grouped_gemm=impl)
     init_weights(model, seed=cfg.train.seed, std=cfg.model.init_std)
-    return model.to(device)
+    model = model.to(device)
+    if cfg.precision.dtype == "fp8":  # the FP8 recipe is applied from outside the model, like the plan
+        from dsv3.fp8 import convert_to_fp8
+
+        fp8_impl = resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, device, compute_dtype, fp8=True)
+        log.info("%s", convert_to_fp8(model, cfg.precision.fp8, fp8_impl, device))
+    return model
 
 
 class Trainer:
@@ -73,8 +79,9 @@ class Trainer:
         self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                moment_dtype=DTYPES[o.moment_dtype])
         self.state = TrainState()
-        self.autocast = (torch.autocast(env.device.type, dtype=torch.bfloat16) if cfg.precision.dtype == "bf16"
-                         else contextlib.nullcontext())
+        # fp8 on a GPU: BF16 for what stays out of FP8 (V3 report); on CPU fp32 (the emulation).
+        bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "fp8" and env.device.type == "cuda")
+        self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps)
         if resume is not None:
             saved = load_checkpoint(resume, self.model, self.optimizer, self.plan)
