@@ -80,6 +80,21 @@ class Experts(nn.Module):
         return ops.expert_swiglu_mlp(x, self.w13, self.w2, offsets, self.impl)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows[i] = x[perm[i]] for a permutation: the backward is a gather by the inverse permutation,
+    not the accumulating scatter autograd would use for a general index (several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad[inverse], None, None
+
+
 class LocalTokenDispatcher:
     """Sorts the (token, k) pairs of one process by expert, and puts the expert outputs back."""
 
@@ -90,15 +105,18 @@ class LocalTokenDispatcher:
         """x [T, dim], indices [T, K] -> (rows [T*K, dim] expert-major, offsets [E] int32, state for combine)."""
         flat = indices.flatten()
         order = flat.argsort(stable=True)  # stable: a deterministic row order
-        offsets = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        return x[order // indices.shape[1]], offsets, order
-
-    def combine(self, y: torch.Tensor, weights: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        """y [T*K, dim] expert-major, weights [T, K] -> out[t] = sum_k weights[t, k] * y[t, k], fp32 sums."""
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        per_token = y[inverse].unflatten(0, weights.shape).float()
-        return (per_token * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)
+        offsets = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
+        # every token K times, pair-major (its backward sums over K), then sorted by expert
+        pairs = x.unsqueeze(1).expand(-1, indices.shape[1], -1).reshape(-1, x.shape[-1])
+        return _PermuteRows.apply(pairs, order, inverse), offsets, (order, inverse)
+
+    def combine(self, y: torch.Tensor, weights: torch.Tensor, state) -> torch.Tensor:
+        """y [T*K, dim] expert-major, weights [T, K] -> out[t] = sum_k weights[t, k] * y[t, k], fp32 sums."""
+        order, inverse = state
+        per_token = _PermuteRows.apply(y, inverse, order).unflatten(0, weights.shape).float()
+        return torch.bmm(weights.float().unsqueeze(1), per_token).squeeze(1).to(y.dtype)
 
 
 class _AttachAuxLoss(torch.autograd.Function):

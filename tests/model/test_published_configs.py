@@ -33,6 +33,7 @@ def counts(cfg: ModelConfig) -> tuple[float, float]:
 @pytest.mark.parametrize("name,total,active,tol", [
     ("deepseek_v3_671b", 671.0, 37.0, 0.05),   # V3 report: 671B total, 37B activated
     ("deepseek_16b", 15.7, 2.4, 0.05),         # DeepSeek-V2-Lite: 15.7B total, 2.4B activated
+    ("moe_rtx", 0.70, 0.18, 0.02),             # ours, for one 24 GB card: what its header promises
 ])
 def test_parameter_counts_match_the_reports(name, total, active, tol):
     got_total, got_active = counts(load(name))
