@@ -41,22 +41,24 @@ def fingerprint(docs: Iterable[tuple[str, str]]) -> str:
     return h.hexdigest()
 
 
-def _files_under(paths: Iterable[str]) -> Iterator[str]:
+def _files_under(paths: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(path, name) of every text file; the name is relative to the input given, so a document's id, and
+    with it the train/validation split, does not depend on where the corpus lies."""
     for p in paths:
         if os.path.isdir(p):
             for root, _, names in sorted(os.walk(p)):
                 for n in sorted(names):
                     if n.endswith((".txt", ".md", ".jsonl", ".json")):
-                        yield os.path.join(root, n)
+                        yield os.path.join(root, n), os.path.relpath(os.path.join(root, n), p)
         elif os.path.isfile(p):
-            yield p
+            yield p, os.path.basename(p)
         else:
             raise FileNotFoundError(f"input path {p!r} does not exist")
 
 
 def file_documents(paths: Iterable[str], text_key: str = "text") -> Iterator[tuple[str, str]]:
     """(document id, text) from .txt/.md files (one document each) and .jsonl files (one per line)."""
-    for path in _files_under(paths):
+    for path, name in _files_under(paths):
         if path.endswith((".jsonl", ".json")):
             with open(path, encoding="utf-8") as f:
                 for i, line in enumerate(f):
@@ -65,7 +67,7 @@ def file_documents(paths: Iterable[str], text_key: str = "text") -> Iterator[tup
                     record = json.loads(line)
                     if text_key not in record:
                         raise KeyError(f"{path}:{i + 1}: no {text_key!r} field (pass --text-key)")
-                    yield f"{path}:{i}", record[text_key]
+                    yield f"{name}:{i}", record[text_key]
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
-                yield path, f.read()
+                yield name, f.read()

@@ -116,7 +116,7 @@ class LocalTokenDispatcher:
         """y [T*K, dim] expert-major, weights [T, K] -> out[t] = sum_k weights[t, k] * y[t, k], fp32 sums."""
         order, inverse = state
         per_token = _PermuteRows.apply(y, inverse, order).unflatten(0, weights.shape).float()
-        return torch.bmm(weights.float().unsqueeze(1), per_token).squeeze(1).to(y.dtype)
+        return (per_token * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)  # not bmm: autocast would make it bf16
 
 
 class _AttachAuxLoss(torch.autograd.Function):

@@ -55,13 +55,23 @@ def test_prepare_data_with_a_bad_jsonl_key_exits_2(tmp_path):
 def test_training_runs_on_prepared_shards(tmp_path):
     corpus = make_corpus(str(tmp_path / "corpus"))
     out = str(tmp_path / "shards")
-    subprocess.run([sys.executable, "launch/prepare_data.py", corpus, "--out", out, "--vocab-size", "300"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "launch/prepare_data.py", corpus, "--out", out, "--vocab-size", "300",
+                    "--val-fraction", "0.1"], cwd=ROOT, check=True, capture_output=True, timeout=300)
     run = str(tmp_path / "run")
     r = run_pretrain(run, "+experiment=moe_tiny", "data=shards", f"data.path={out}", "data.seq_len=32",
                      "train.max_steps=2", "train.resume=none")
     assert r.returncode == 0, r.stderr[-2000:]
     assert [m["step"] for m in read_metrics(run)] == [1, 2]
+
+
+def test_the_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    """Document ids are relative to the input given: the same corpus in two places splits alike."""
+    from dsv3.data.corpus import file_documents
+    from dsv3.data.shards import is_validation
+
+    here, there = make_corpus(str(tmp_path / "here")), make_corpus(str(tmp_path / "elsewhere" / "deeper"))
+    split = [[(doc_id, is_validation(doc_id, 0.1)) for doc_id, _ in file_documents([d])] for d in (here, there)]
+    assert split[0] == split[1] and any(v for _, v in split[0]) and not all(v for _, v in split[0])
 
 
 def test_packing_cuts_consecutive_windows_with_the_next_token(tmp_path):
