@@ -236,6 +236,9 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints; 0 = keep all."""
     init_from: Optional[str] = None
     """Start a fresh run from these weights: a dsv3 checkpoint or a Hugging Face DeepseekV3 directory."""
+    on_signal: bool = True
+    """On SIGTERM or SIGUSR1 (preemption, scancel, SLURM's --signal), finish the current step, save a
+    checkpoint on every rank and exit with 128 + the signal number; false: the signal's default action."""
 
 
 @dataclass

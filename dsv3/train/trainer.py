@@ -10,6 +10,7 @@ schedule instead of the accumulation loop; everything around the step is shared.
 import contextlib
 import logging
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -27,6 +28,7 @@ from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.optim import DTYPES, AdamW, parameter_groups
+from dsv3.train.stop_signals import StopSignals
 from dsv3.train.weights import load_initial_weights
 
 log = logging.getLogger("dsv3")
@@ -189,20 +191,30 @@ class Trainer:
         t, c = self.cfg.train, self.cfg.checkpoint
         if self.state.step >= t.max_steps:
             log.info("nothing to do: step %d >= train.max_steps=%d", self.state.step, t.max_steps)
-        while self.state.step < t.max_steps:
-            start = time.time()
-            metrics = self.train_step()
-            elapsed = time.time() - start
-            metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
-            metrics["step_time_s"] = elapsed
-            step = self.state.step
-            last = step == t.max_steps
-            if (t.val_every and step % t.val_every == 0) or last:
-                metrics["val_loss"] = self.evaluate()
-            if step % t.log_every == 0 or last or "val_loss" in metrics:
-                self.metrics.log(step, metrics)
-            if (c.every and step % c.every == 0) or last:
-                self.save()
+        with StopSignals(c.on_signal) as stop:
+            while self.state.step < t.max_steps:
+                start = time.time()
+                metrics = self.train_step()
+                elapsed = time.time() - start
+                metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
+                metrics["step_time_s"] = elapsed
+                step = self.state.step
+                last = step == t.max_steps
+                if (t.val_every and step % t.val_every == 0) or last:
+                    metrics["val_loss"] = self.evaluate()
+                if step % t.log_every == 0 or last or "val_loss" in metrics:
+                    self.metrics.log(step, metrics)
+                saved = (c.every and step % c.every == 0) or last
+                if saved:
+                    self.save()
+                signum = stop.agreed(self.env.device)
+                if signum and not last:
+                    if not saved:
+                        self.save()
+                    log.warning("stopping after step %d on %s; resume with train.resume=auto", step,
+                                signal.Signals(signum).name)
+                    self.metrics.close()
+                    raise SystemExit(128 + signum)
         self.metrics.close()
 
 
