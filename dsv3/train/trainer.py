@@ -91,8 +91,8 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.state.step)
         if env.is_main:
             n_params = self.plan.global_numel(self.model)
-            log.info("model: %.2fM parameters, %d MoE layers (MTP modules included); data: %d train / %d val samples of %d tokens; "
-                     "device %s, %s, world size %d", n_params / 1e6, self.plan.global_moe_layers(self.model),
+            log.info("model: %.2fM parameters, %d MoE layers (MTP modules included); data: %d train / %d val "
+                     "samples of %d tokens; device %s, %s, world size %d", n_params / 1e6, self.plan.global_moe_layers(self.model),
                      len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype,
                      env.world_size)
 
