@@ -58,16 +58,18 @@ def test_with_checkpoint_on_signal_off_sigterm_ends_the_run_unsaved(tmp_path):
     assert latest_checkpoint(os.path.join(run, "checkpoints")) is None
 
 
-def test_torchrun_ranks_agree_on_the_step_they_stop_at(reference, tmp_path):
-    """SIGTERM to torchrun reaches both data-parallel ranks at different points of a step; they still
-    save one common step, and the resumed run matches the single-process reference."""
+@pytest.mark.parametrize("plan", ["parallel=single", "parallel=pp2"], ids=["dp2", "pp2"])
+def test_torchrun_ranks_agree_on_the_step_they_stop_at(plan, reference, tmp_path):
+    """SIGTERM to torchrun reaches both ranks (data-parallel, or the two pipeline stages) at different
+    points of a step; they still save one common step, and the resumed run matches the single process."""
     run = str(tmp_path / "run")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    code, out = interrupt_after(torchrun_cmd(2, run, *ARGS), run, 3, signal.SIGTERM, env=env)
+    args = [*ARGS, plan]
+    code, out = interrupt_after(torchrun_cmd(2, run, *args), run, 3, signal.SIGTERM, env=env)
     assert code != 0, out[-3000:]
     stopped_at = read_metrics(run)[-1]["step"]
     assert latest_checkpoint(os.path.join(run, "checkpoints")).endswith(f"step_{stopped_at:08d}"), out[-3000:]
 
-    r = subprocess.run(torchrun_cmd(2, run, *ARGS), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    r = subprocess.run(torchrun_cmd(2, run, *args), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_losses(reference, read_metrics(run), rtol=1e-5)
