@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dsv3")
+    # an empty XDG_CACHE_HOME counts as unset (XDG spec), not as "the current directory"
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsv3")
 
 
 def stdlib_shards(cfg: DataConfig, vocab_size: int) -> str:

@@ -127,3 +127,13 @@ def test_embedded_corpus_is_the_standard_library():
     names = [n for n, _ in docs]
     assert "os.py" in names and "json/decoder.py" in names and names == sorted(names)
     assert not any(n.startswith("test/") or "site-packages" in n for n in names)
+
+
+def test_the_cache_lives_under_xdg_cache_home_or_home(monkeypatch, tmp_path):
+    from dsv3.data.embedded import default_cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty = unset, never the current directory
+    assert default_cache_dir() == str(tmp_path / "home" / ".cache" / "dsv3")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == str(tmp_path / "xdg" / "dsv3")
