@@ -1,5 +1,5 @@
 """Expert parallelism: the token dispatcher that exchanges (token, expert) rows between the ranks of an
-EP group, so that every rank runs only its own contiguous slice of the routed experts (DESIGN.md §3).
+EP group, so that every rank runs only its own contiguous slice of the routed experts.
 
     dispatch: layout (csrc)  ->  send buffer (permute, or FP8 permute)  ->  counts, then rows
               (all_to_all_single, uneven splits)  ->  regroup expert-major, padded per expert
@@ -16,6 +16,7 @@ layers do, since every rank runs the same graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,27 +24,24 @@ import torch.distributed as dist
 from dsv3.kernels import dispatch as kernels
 from dsv3.kernels.dispatch_reference import QUANT_GROUP
 from dsv3.kernels.fp8_format import Fp8Tensor, attach_fp8
+from dsv3.parallel.overlap import Communicator
 
 
-def exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """all_to_all_single of the rows of `x`: in_splits[r] rows go to rank r, out_splits[r] come from it."""
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
+Exchange = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
 
 
 class _Exchange(torch.autograd.Function):
     """Differentiable row exchange: the gradient goes back along the reverse exchange."""
 
     @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return exchange(x, out_splits, in_splits, group)
+    def forward(ctx, x, out_splits, in_splits, exchange: Exchange):
+        ctx.splits, ctx.exchange = (out_splits, in_splits), exchange
+        return exchange(x, out_splits, in_splits)
 
     @staticmethod
     def backward(ctx, grad):
         out_splits, in_splits = ctx.splits
-        return exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+        return ctx.exchange(grad, in_splits, out_splits), None, None, None
 
 
 def dequantize_1x128(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -60,13 +58,13 @@ class _Fp8Dispatch(torch.autograd.Function):
     Returns (dequantized rows, FP8 data, scales); the last two are not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, send_token, token_row, out_splits, in_splits, group):
+    def forward(ctx, x, send_token, token_row, out_splits, in_splits, exchange: Exchange):
         q, scales = kernels.permute_fp8(x, send_token)
         # As bytes: collectives do not all take float8 (gloo does not).
-        q = exchange(q.view(torch.uint8), out_splits, in_splits, group).view(torch.float8_e4m3fn)
-        scales = exchange(scales, out_splits, in_splits, group)
+        q = exchange(q.view(torch.uint8), out_splits, in_splits).view(torch.float8_e4m3fn)
+        scales = exchange(scales, out_splits, in_splits)
         ctx.save_for_backward(token_row)
-        ctx.splits, ctx.group = (out_splits, in_splits), group
+        ctx.splits, ctx.exchange = (out_splits, in_splits), exchange
         ctx.mark_non_differentiable(q, scales)
         return dequantize_1x128(q, scales, x.dtype), q, scales
 
@@ -74,7 +72,7 @@ class _Fp8Dispatch(torch.autograd.Function):
     def backward(ctx, grad, grad_q, grad_scales):
         (token_row,) = ctx.saved_tensors
         out_splits, in_splits = ctx.splits
-        grad_send = exchange(grad.to(torch.bfloat16), in_splits, out_splits, ctx.group)
+        grad_send = ctx.exchange(grad.to(torch.bfloat16), in_splits, out_splits)
         dx = kernels.permute_backward(grad_send, token_row).to(grad.dtype)  # fp32 accumulation inside
         return dx, None, None, None, None, None
 
@@ -101,10 +99,14 @@ class ExpertParallelDispatcher:
     (`fp8_format.attach_fp8`): FP8 experts compute on those directly, without quantizing again. The
     expert outputs go back in BF16 (the report's BF16 combine; accumulation stays fp32) and so does
     their gradient.
+    `comm`: the rank's Communicator, which runs every exchange (and lets an F&B pair hide it behind
+    the other micro-batch's computation, dsv3/parallel/overlap.py); default: a synchronous one.
     """
 
-    def __init__(self, group, n_experts: int, align: int = 1, fp8: bool = False):
+    def __init__(self, group, n_experts: int, align: int = 1, fp8: bool = False,
+                 comm: Optional[Communicator] = None):
         self.group = group
+        self.comm = comm if comm is not None else Communicator(overlap=False)
         self.n_ranks = dist.get_world_size(group)
         if n_experts % self.n_ranks:
             raise ValueError(f"ExpertParallelDispatcher: the EP group's {self.n_ranks} ranks must divide the "
@@ -114,25 +116,28 @@ class ExpertParallelDispatcher:
         self.n_experts, self.n_local = n_experts, n_experts // self.n_ranks
         self.align, self.fp8 = align, fp8
 
+    def _exchange(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        return self.comm.exchange(x, out_splits, in_splits, self.group)
+
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor):
         """x [T, dim], indices [T, K] global expert ids -> (rows expert-major for the local experts,
         offsets [E_local] int32 cumulative ends, state for combine)."""
         layout = kernels.dispatch_layout(indices, self.n_experts, self.n_ranks)
         # Counts first (tokens and entries per destination), so every rank can size its receive buffers.
         counts = torch.stack([layout.tokens_per_rank, layout.pairs_per_rank], dim=1)
-        received = exchange(counts, [1] * self.n_ranks, [1] * self.n_ranks, self.group)
+        received = self._exchange(counts, [1] * self.n_ranks, [1] * self.n_ranks)
         send_rows, pairs_sent = layout.tokens_per_rank.tolist(), layout.pairs_per_rank.tolist()
         recv_rows, pairs_received = received[:, 0].tolist(), received[:, 1].tolist()
 
         recv_q = None
         if self.fp8:
             recv_x, recv_q, recv_s = _Fp8Dispatch.apply(x, layout.send_token, layout.token_row, recv_rows, send_rows,
-                                                        self.group)
+                                                        self._exchange)
         else:
             send_x = kernels.permute(x, layout.send_token, layout.token_row)
-            recv_x = _Exchange.apply(send_x, recv_rows, send_rows, self.group)
+            recv_x = _Exchange.apply(send_x, recv_rows, send_rows, self._exchange)
         # Each row's local experts (-1 elsewhere): the routing the receiver regroups by.
-        recv_topk = exchange(layout.send_topk, recv_rows, send_rows, self.group)
+        recv_topk = self._exchange(layout.send_topk, recv_rows, send_rows)
 
         # Regroup expert-major with one "rank" per local expert (module doc of dsv3/kernels/dispatch.py).
         em = kernels.dispatch_layout(recv_topk, self.n_local, self.n_local, align=self.align)
@@ -154,6 +159,6 @@ class ExpertParallelDispatcher:
         y_ret = kernels.permute(y, state.back, state.back_inverse)
         if self.fp8:
             y_ret = y_ret.to(torch.bfloat16)  # combine in BF16 (DeepSeek-V3 §3.3.3), forward and backward
-        y_back = _Exchange.apply(y_ret, state.pairs_sent, state.pairs_received, self.group)
+        y_back = _Exchange.apply(y_ret, state.pairs_sent, state.pairs_received, self._exchange)
         lay = state.layout
         return kernels.combine(y_back, lay.pair_pos, lay.pair_src, weights, out_dtype=y.dtype)
