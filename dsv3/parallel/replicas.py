@@ -60,21 +60,27 @@ class Replicas:
     def is_owner(self, name: str) -> bool:
         return self.holders[name][0] == self.layout.pp_rank
 
-    def _by_group(self, named: Iterable[tuple[str, object]]):
+    def _by_group(self, named: Iterable[tuple[str, object]], singles: bool = False):
         """(group, [(name, item)]) per group of copies this rank is in, in one global order; groups
-        of a single rank (nothing to reduce) are left out."""
+        of a single rank (group None: nothing to exchange) only if `singles`."""
         buckets: dict[_Key, list] = {}
         for name, t in named:
             key = self._key(name)
             if self.layout.pp_rank not in key[0]:
                 raise ValueError(f"{name} is not held by pipeline rank {self.layout.pp_rank} (holders {key[0]})")
             buckets.setdefault(key, []).append((name, t))
-        return [(self._groups[k], buckets[k]) for k in sorted(buckets) if self._groups[k] is not None]
+        return [(self._groups[k], buckets[k]) for k in sorted(buckets) if singles or self._groups[k] is not None]
 
     def reduce_gradients(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
         """Each gradient becomes the sum over its copies divided by dp (see the module doc)."""
-        for group, items in self._by_group((n, p) for n, p in named_params if p.requires_grad):
-            average_gradients([p for _, p in items], group=group, divisor=self.layout.dp)
+        dp = self.layout.dp
+        for group, items in self._by_group(((n, p) for n, p in named_params if p.requires_grad), singles=True):
+            if group is not None:
+                average_gradients([p for _, p in items], group=group, divisor=dp)
+            elif dp > 1:  # the only copy of an expert slice (ep = dp): still a 1/dp share of the batch
+                for _, p in items:
+                    if p.grad is not None:
+                        p.grad.div_(dp)
 
     @torch.no_grad()
     def sum_rows(self, names: list[str], rows: torch.Tensor) -> None:
