@@ -120,7 +120,7 @@ def test_valid_config_passes_validation():
 
 @pytest.mark.parametrize("world,overrides,key,allowed", [
     (4, {"parallel.ep": 3}, "parallel.ep", "must divide model.n_routed_experts (8)"),
-    (6, {"parallel.ep": 4}, "parallel.ep", "must divide the data-parallel size (6)"),
+    (6, {"parallel.ep": 4}, "parallel.ep", "must divide the data-parallel size (6 "),
     (6, {"parallel.ep": 3, "model.n_expert_groups": 2, "model.n_routed_experts": 6, "model.n_activated_experts": 1},
      "model.n_expert_groups", "must be a multiple or a divisor of parallel.ep (3)"),
 ])
