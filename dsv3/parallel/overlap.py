@@ -72,7 +72,8 @@ class Communicator:
 
     overlap: interleave the two halves of a pair (False: forward, then backward).
     trace: a list to append (event, task, time) to, or None. Events: "run" (a task gets the baton),
-        "issue" (it issued an all-to-all), "wait" (it starts waiting for one), "ready" (the wait ended);
+        "issue" (it issued an all-to-all), "wait" (it starts waiting for one), "ready" (the wait ended),
+        "end" (the task finished);
         task is "F"/"B" inside a pair, None outside. For tests and benchmarks.
     """
 
@@ -152,6 +153,7 @@ class Communicator:
             except BaseException as e:  # noqa: BLE001 (re-raised on the calling thread)
                 errors.append(e)
             finally:
+                self._event("end", name)
                 with self._cv:
                     pair.done[name] = True
                     other = pair.other(name)
