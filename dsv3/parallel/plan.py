@@ -132,11 +132,15 @@ class Plan:
 
     def step_metrics(self) -> dict[str, float]:
         """What the plan measured during the last step, for the metrics log: the expert all-to-alls'
-        time in flight and the part of it no computation hid (exposed), in seconds."""
+        time from issue to completion and the part of it no computation hid (exposed), in seconds;
+        the same for those inside F&B pairs (the ones the overlap can hide)."""
         stats = self.comm.take_stats()
         if not stats.calls:
             return {}
-        return {"a2a_s": stats.in_flight_s, "a2a_exposed_s": stats.exposed_s}
+        out = {"a2a_s": stats.in_flight_s, "a2a_exposed_s": stats.exposed_s}
+        if stats.pair_calls:
+            out.update(a2a_pair_s=stats.pair_in_flight_s, a2a_pair_exposed_s=stats.pair_exposed_s)
+        return out
 
     def describe(self) -> str:
         lay, p = self.layout, self.cfg_parallel
