@@ -16,7 +16,7 @@ layers do, since every rank runs the same graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,21 @@ import torch.distributed as dist
 from dsv3.kernels import dispatch as kernels
 from dsv3.kernels.dispatch_reference import QUANT_GROUP
 from dsv3.kernels.fp8_format import Fp8Tensor, attach_fp8
-from dsv3.parallel.overlap import Communicator
+from dsv3.parallel.overlap import Communicator, Pending
 
 
-Exchange = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
+class Exchange:
+    """The all-to-alls of one EP group through the rank's Communicator: `exchange(x, out_splits,
+    in_splits)` returns the received rows; `exchange.issue(...)` starts one (`.result()` waits)."""
+
+    def __init__(self, comm: Communicator, group):
+        self.comm, self.group = comm, group
+
+    def __call__(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+        return self.comm.exchange(x, out_splits, in_splits, self.group)
+
+    def issue(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> Pending:
+        return self.comm.issue(x, out_splits, in_splits, self.group)
 
 
 class _Exchange(torch.autograd.Function):
@@ -60,9 +71,10 @@ class _Fp8Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, send_token, token_row, out_splits, in_splits, exchange: Exchange):
         q, scales = kernels.permute_fp8(x, send_token)
-        # As bytes: collectives do not all take float8 (gloo does not).
-        q = exchange(q.view(torch.uint8), out_splits, in_splits).view(torch.float8_e4m3fn)
-        scales = exchange(scales, out_splits, in_splits)
+        # As bytes: collectives do not all take float8 (gloo does not). Both in flight at once.
+        q = exchange.issue(q.view(torch.uint8), out_splits, in_splits)
+        scales = exchange.issue(scales, out_splits, in_splits)
+        q, scales = q.result().view(torch.float8_e4m3fn), scales.result()
         ctx.save_for_backward(token_row)
         ctx.splits, ctx.exchange = (out_splits, in_splits), exchange
         ctx.mark_non_differentiable(q, scales)
@@ -106,7 +118,7 @@ class ExpertParallelDispatcher:
     def __init__(self, group, n_experts: int, align: int = 1, fp8: bool = False,
                  comm: Optional[Communicator] = None):
         self.group = group
-        self.comm = comm if comm is not None else Communicator(overlap=False)
+        self._exchange = Exchange(comm if comm is not None else Communicator(overlap=False), group)
         self.n_ranks = dist.get_world_size(group)
         if n_experts % self.n_ranks:
             raise ValueError(f"ExpertParallelDispatcher: the EP group's {self.n_ranks} ranks must divide the "
@@ -115,9 +127,6 @@ class ExpertParallelDispatcher:
             raise ValueError(f"ExpertParallelDispatcher: align={align} must be >= 1")
         self.n_experts, self.n_local = n_experts, n_experts // self.n_ranks
         self.align, self.fp8 = align, fp8
-
-    def _exchange(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        return self.comm.exchange(x, out_splits, in_splits, self.group)
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor):
         """x [T, dim], indices [T, K] global expert ids -> (rows expert-major for the local experts,
@@ -129,6 +138,8 @@ class ExpertParallelDispatcher:
         send_rows, pairs_sent = layout.tokens_per_rank.tolist(), layout.pairs_per_rank.tolist()
         recv_rows, pairs_received = received[:, 0].tolist(), received[:, 1].tolist()
 
+        # Each row's local experts (-1 elsewhere): the routing the receiver regroups by; in flight with the rows.
+        topk = self._exchange.issue(layout.send_topk, recv_rows, send_rows)
         recv_q = None
         if self.fp8:
             recv_x, recv_q, recv_s = _Fp8Dispatch.apply(x, layout.send_token, layout.token_row, recv_rows, send_rows,
@@ -136,8 +147,7 @@ class ExpertParallelDispatcher:
         else:
             send_x = kernels.permute(x, layout.send_token, layout.token_row)
             recv_x = _Exchange.apply(send_x, recv_rows, send_rows, self._exchange)
-        # Each row's local experts (-1 elsewhere): the routing the receiver regroups by.
-        recv_topk = self._exchange(layout.send_topk, recv_rows, send_rows)
+        recv_topk = topk.result()
 
         # Regroup expert-major with one "rank" per local expert (module doc of dsv3/kernels/dispatch.py).
         em = kernels.dispatch_layout(recv_topk, self.n_local, self.n_local, align=self.align)

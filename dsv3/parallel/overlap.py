@@ -66,6 +66,29 @@ class _Pair:
         return "B" if task == "F" else "F"
 
 
+class Pending:
+    """An issued all-to-all of a Communicator."""
+
+    def __init__(self, comm: "Communicator", out: torch.Tensor, work, task: Optional[str], passes: int,
+                 issued: float, nbytes: int):
+        self.comm, self.out, self.work, self.task = comm, out, work, task
+        self.passes, self.issued, self.nbytes = passes, issued, nbytes
+
+    def result(self) -> torch.Tensor:
+        """The received rows. Inside an overlapped pair, the other half first computes up to its own next
+        all-to-all, unless it has had a turn since this one was issued."""
+        comm, pair = self.comm, self.comm._pair
+        if pair is not None and comm._passes == self.passes:
+            comm._give_baton(pair, self.task)
+        comm._event("wait", self.task)
+        waited = time.perf_counter()
+        self.work.wait()
+        done = time.perf_counter()
+        comm._event("ready", self.task)
+        comm.stats.add(comm._in_pair, done - self.issued, done - waited, self.nbytes)
+        return self.out
+
+
 class Communicator:
     """All-to-alls of the expert dispatchers of one rank, and the runner of the executor's F&B pairs
     (pass `run_pair` as the executor's overlap hook).
@@ -84,6 +107,7 @@ class Communicator:
         self._cv = threading.Condition()
         self._pair: Optional[_Pair] = None
         self._in_pair = False
+        self._passes = 0   # times the baton changed hands
 
     def take_stats(self) -> CommStats:
         stats, self.stats = self.stats, CommStats()
@@ -98,22 +122,19 @@ class Communicator:
                  group: Optional[dist.ProcessGroup]) -> torch.Tensor:
         """all_to_all_single of the rows of `x`: in_splits[r] rows go to rank r, out_splits[r] come
         from it. Inside an overlapped pair, the other half computes until this one's result is needed."""
+        return self.issue(x, out_splits, in_splits, group).result()
+
+    def issue(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
+              group: Optional[dist.ProcessGroup]) -> "Pending":
+        """Start the exchange; `.result()` waits for it. Several issued before the first `result()`
+        share one turn of the other half (e.g. dispatch's rows and their routing)."""
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         x = x.contiguous()
-        pair = self._pair
-        task = pair.turn if pair is not None else None
+        task = self._pair.turn if self._pair is not None else None
         issued = time.perf_counter()
         work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
         self._event("issue", task)
-        if pair is not None:
-            self._give_baton(pair, task)
-        self._event("wait", task)
-        waited = time.perf_counter()
-        work.wait()
-        done = time.perf_counter()
-        self._event("ready", task)
-        self.stats.add(self._in_pair, done - issued, done - waited, x.numel() * x.element_size())
-        return out
+        return Pending(self, out, work, task, self._passes, issued, x.numel() * x.element_size())
 
     # -- the pair ----------------------------------------------------------------------------------
     def _give_baton(self, pair: _Pair, task: str) -> None:
@@ -123,6 +144,7 @@ class Communicator:
             if pair.done[other]:
                 return
             pair.turn = other
+            self._passes += 1
             self._cv.notify_all()
             self._cv.wait_for(lambda: pair.turn == task)
         self._event("run", task)
