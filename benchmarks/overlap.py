@@ -37,8 +37,13 @@ PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
 sys.path.insert(0, ROOT)
 
 HOSTS = ("dsv3ov1", "dsv3ov2")
-RANKS_OF_HOST = ((0, 2), (1, 3))   # EP groups {0,1} and {2,3} span the link; pipeline pairs {0,2}, {1,3} do not
 PORT = 29517
+# name: (ranks on host 1, ranks on host 2), plan overrides. Every EP group spans the link; pipeline
+# neighbours ({0, 2}, {1, 3}) share a host.
+LAYOUTS = {
+    "ep2": (((0,), (1,)), ["parallel.ep=2"]),
+    "pp2_ep2_dualpipe": (((0, 2), (1, 3)), ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe"]),
+}
 
 
 def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -90,31 +95,33 @@ class SlowLink:
                 sh("ip", "netns", "del", ns, check=False)
         sh("ip", "route", "del", "unreachable", f"{self.subnet}.0/24", check=False)
 
-    def launch(self, host: int, rank: int, local_rank: int, args: list[str], log) -> subprocess.Popen:
-        env = {**os.environ, "MASTER_ADDR": self.ips[0], "MASTER_PORT": str(PORT), "WORLD_SIZE": "4",
+    def launch(self, host: int, rank: int, local_rank: int, world: int, args: list[str], log) -> subprocess.Popen:
+        env = {**os.environ, "MASTER_ADDR": self.ips[0], "MASTER_PORT": str(PORT), "WORLD_SIZE": str(world),
                "RANK": str(rank), "LOCAL_RANK": str(local_rank), "GLOO_SOCKET_IFNAME": "eth0",
                "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
         return subprocess.Popen(["nsenter", f"--net=/run/netns/{HOSTS[host]}", sys.executable, PRETRAIN, *args],
                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
-def train_args(run_dir: str, steps: int, overlap: bool, data_path: str, extra: list[str]) -> list[str]:
+def train_args(run_dir: str, steps: int, overlap: bool, data_path: str, plan: list[str], extra: list[str]) -> list[str]:
     return [f"hydra.run.dir={run_dir}", "+experiment=moe_tiny", "model.n_layers=4", "data=shards",
             f"data.path={data_path}", "data.seq_len=64", f"train.max_steps={steps}", "train.global_batch_size=16",
             "train.micro_batch_size=1", "train.val_samples=2", "train.threads=1", "train.resume=none",
-            "checkpoint.every=0", "checkpoint.keep=1", "parallel.pp=2", "parallel.ep=2",
-            "parallel.pp_schedule=dualpipe", f"parallel.overlap={str(overlap).lower()}", *extra]
+            "checkpoint.every=0", "checkpoint.keep=1", *plan, f"parallel.overlap={str(overlap).lower()}", *extra]
 
 
-def run_once(link: SlowLink, overlap: bool, steps: int, data_path: str, extra: list[str], timeout: float) -> dict:
+def run_once(link: SlowLink, layout: str, overlap: bool, steps: int, data_path: str, extra: list[str],
+             timeout: float) -> dict:
     run_dir = tempfile.mkdtemp(prefix=f"dsv3_overlap_{'on' if overlap else 'off'}_")
-    args = train_args(run_dir, steps, overlap, data_path, extra)
+    ranks_of_host, plan = LAYOUTS[layout]
+    args = train_args(run_dir, steps, overlap, data_path, plan, extra)
+    world = sum(len(r) for r in ranks_of_host)
     procs = []
     with open(os.path.join(run_dir, "ranks.log"), "w") as log:
         try:
-            for host, ranks in enumerate(RANKS_OF_HOST):
+            for host, ranks in enumerate(ranks_of_host):
                 for local, rank in enumerate(ranks):
-                    procs.append(link.launch(host, rank, local, args, log))
+                    procs.append(link.launch(host, rank, local, world, args, log))
             deadline = time.time() + timeout
             for p in procs:
                 p.wait(timeout=max(1.0, deadline - time.time()))
@@ -131,7 +138,7 @@ def run_once(link: SlowLink, overlap: bool, steps: int, data_path: str, extra: l
     shutil.rmtree(run_dir, ignore_errors=True)
     steady = metrics[1:-1]   # not the first (warm-up) nor the last (it also evaluates)
     keys = ("step_time_s", "a2a_s", "a2a_exposed_s", "a2a_pair_s", "a2a_pair_exposed_s", "loss")
-    return {"overlap": overlap, "steps": len(steady), **{k: statistics.mean(m[k] for m in steady) for k in keys},
+    return {"layout": layout, "overlap": overlap, "steps": len(steady), **{k: statistics.mean(m[k] for m in steady) for k in keys},
             "losses": [m["loss"] for m in metrics]}
 
 
@@ -152,8 +159,7 @@ def summarize(runs: list[dict]) -> dict:
             "losses_identical": all(r["losses"] == runs[0]["losses"] for r in runs)}
 
 
-def table(result: dict) -> str:
-    s = result["summary"]
+def table(s: dict) -> str:
     rows = [("step time, overlap off", f"{1e3 * s['step_s_off']:.0f} ms"),
             ("step time, overlap on", f"{1e3 * s['step_s_on']:.0f} ms ({s['speedup']:.2f}x)"),
             ("all-to-all per step, overlap off (all / inside F&B pairs)",
@@ -163,7 +169,7 @@ def table(result: dict) -> str:
             ("pair all-to-all hidden", f"{100 * s['hidden_fraction']:.0f}%"),
             ("step time saved per second of pair all-to-all", f"{s['step_saved_per_pair_a2a_s']:.2f}"),
             ("losses of all runs bit-identical", str(s["losses_identical"]))]
-    return "\n".join(["| | |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
+    return "\n".join(f"| {a} | {b} |" for a, b in rows)
 
 
 def main() -> None:
@@ -173,6 +179,7 @@ def main() -> None:
     ap.add_argument("--subnet", default="10.99.0", help="first three octets of the test subnet (a /24)")
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--repeats", type=int, default=2, help="runs of each setting, alternating")
+    ap.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated, of {', '.join(LAYOUTS)}")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per run")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "overlap.json"))
     ap.add_argument("overrides", nargs="*", help="further config overrides for every run")
@@ -185,24 +192,31 @@ def main() -> None:
 
     data_path = stdlib_shards(DataConfig(), 512)   # tokenized once here, not by every rank
     runs = []
+    layouts = a.layouts.split(",")
     with SlowLink(a.subnet, a.rate, a.burst) as link:
         for i in range(a.repeats):
-            for overlap in (True, False):
-                t0 = time.time()
-                runs.append(run_once(link, overlap, a.steps, data_path, a.overrides, a.timeout))
-                r = runs[-1]
-                print(f"[{i + 1}/{a.repeats}] overlap {'on ' if overlap else 'off'}: step {1e3 * r['step_time_s']:.0f} ms, "
-                      f"pair all-to-all {1e3 * r['a2a_pair_s']:.0f} ms ({1e3 * r['a2a_pair_exposed_s']:.0f} exposed) "
-                      f"[{time.time() - t0:.0f} s]", flush=True)
+            for layout in layouts:
+                for overlap in (True, False):
+                    t0 = time.time()
+                    runs.append(run_once(link, layout, overlap, a.steps, data_path, a.overrides, a.timeout))
+                    r = runs[-1]
+                    print(f"[{i + 1}/{a.repeats}] {layout} overlap {'on ' if overlap else 'off'}: step "
+                          f"{1e3 * r['step_time_s']:.0f} ms, "
+                          f"pair all-to-all {1e3 * r['a2a_pair_s']:.0f} ms ({1e3 * r['a2a_pair_exposed_s']:.0f} exposed) "
+                          f"[{time.time() - t0:.0f} s]", flush=True)
     result = {"setup": {"rate": a.rate, "burst": a.burst, "steps": a.steps, "repeats": a.repeats,
-                        "ranks": "4: pp=2 x dp=2, ep=2, dualpipe; EP groups across the link",
-                        "model": "moe_tiny, 4 layers, seq 64, 16 sequences per step (m=8 per dp rank)",
-                        "overrides": a.overrides, "cpus": os.cpu_count()},
-              "runs": runs, "summary": summarize(runs)}
+                        "layouts": {k: LAYOUTS[k] for k in layouts},
+                        "model": "moe_tiny with 4 layers, 16 sequences of one per step", "overrides": a.overrides,
+                        "cpus": os.cpu_count()},
+              "runs": runs, "summary": {k: summarize([r for r in runs if r["layout"] == k]) for k in layouts}}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(table(result))
+    print("| | " + " | ".join(layouts) + " |\n|---|" + "---|" * len(layouts))
+    tables = [table(result["summary"][k]).splitlines() for k in layouts]
+    for rows in zip(*tables):
+        cells = [r.split(" | ") for r in rows]
+        print(f"{cells[0][0]} | " + " | ".join(c[1].rstrip(" |") for c in cells) + " |")
     print(f"wrote {a.out}")
 
 

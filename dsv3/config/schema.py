@@ -97,10 +97,11 @@ class ParallelConfig:
     * dp). -1 derives it; a value given must equal it. With pp > 1 it is what the schedule is built for
     (dualpipe: even and >= 2*pp; dualpipev: >= 2*pp), so the batch ramp is not available there."""
     overlap: Optional[bool] = None
-    """Hide the expert all-to-alls of DualPipe's F&B pairs behind the other micro-batch's computation
-    (DeepSeek-V3 §3.2.1; dsv3/parallel/overlap.py). Losses are bit-identical either way. null = on
-    wherever there is something to overlap (ep > 1 with pp_schedule dualpipe or dualpipev); true
-    elsewhere is refused."""
+    """Hide the expert all-to-alls of F&B pairs behind the other micro-batch's computation (DeepSeek-V3
+    §3.2.1; dsv3/parallel/overlap.py): DualPipe's and DualPipeV's pairs, or without a pipeline the
+    forward of micro-batch j+1 paired with the backward of j (one more micro-batch's activations
+    alive). Losses are bit-identical either way. null = on wherever there is something to overlap
+    (ep > 1, and pp = 1 or pp_schedule dualpipe|dualpipev); true elsewhere is refused."""
 
 
 @dataclass

@@ -99,9 +99,9 @@ def validate_overlap(p: Any) -> None:
     _require(p.ep > 1, "parallel.overlap", p.overlap,
              f"true needs expert parallelism (parallel.ep > 1; got {p.ep}): it hides the expert all-to-alls; "
              "use false or null")
-    _require(p.pp > 1 and p.pp_schedule in PAIR_SCHEDULES, "parallel.overlap", p.overlap,
-             f"true needs a schedule with F&B pairs (parallel.pp > 1 and parallel.pp_schedule one of "
-             f"{', '.join(PAIR_SCHEDULES)}; got pp={p.pp}, {p.pp_schedule}); use false or null")
+    _require(p.pp == 1 or p.pp_schedule in PAIR_SCHEDULES, "parallel.overlap", p.overlap,
+             f"true needs F&B pairs: parallel.pp=1 (accumulation pairs) or parallel.pp_schedule one of "
+             f"{', '.join(PAIR_SCHEDULES)} (got pp={p.pp}, {p.pp_schedule}); use false or null")
 
 
 def validate_pipeline_parallel(m: Any, p: Any, t: Any) -> None:

@@ -12,7 +12,7 @@ It is composed of one part per dimension, each in its own module, applied in a f
 - `expert_shards`: expert parallelism inside the dp ranks of each pipeline position (applied to the
   whole model first, so it holds inside every pipeline stage);
 - the runner: `local_runner` (gradient accumulation) or `pipeline_plan` (cut into stages, run by a
-  schedule whose F&B pairs overlap the expert all-to-alls, `overlap`);
+  schedule); the F&B pairs of either overlap the expert all-to-alls (`overlap`);
 - `replicas`: who holds a copy of which tensor, and the one rule that reduces gradients and router
   counts over the copies.
 A further dimension (ZeRO sharding of the optimizer state) replaces `reduce_and_clip`'s reduction
@@ -194,7 +194,7 @@ def build_plan(model: Transformer, cfg: Config, env: Env) -> Plan:
         runner, stage_layout = build_pipeline(model, cfg, layout, comm)
         holders_of = stage_layout.holders
     else:
-        runner = LocalRunner(model, env.device)
+        runner = LocalRunner(model, env.device, comm)
     names = list(whole.param_index) + list(whole.moe_index)
     replicas = Replicas({n: holders_of(n) for n in names}, experts.names, layout)
     return Plan(model, layout, whole, runner, experts, replicas, comm, cfg.parallel)
@@ -202,10 +202,11 @@ def build_plan(model: Transformer, cfg: Config, env: Env) -> Plan:
 
 def overlap_enabled(cfg: Config) -> bool:
     """parallel.overlap, with null meaning: on wherever there is something to overlap (expert
-    parallelism and a schedule with F&B pairs). Validation refuses `true` where there is not."""
+    parallelism, and F&B pairs: DualPipe's, DualPipeV's, or the accumulation's without a pipeline).
+    Validation refuses `true` where there is not."""
     p = cfg.parallel
     if p.overlap is not None:
         return bool(p.overlap)
-    return p.ep > 1 and p.pp > 1 and p.pp_schedule in PAIR_SCHEDULES
+    return p.ep > 1 and (p.pp == 1 or p.pp_schedule in PAIR_SCHEDULES)
 
 

@@ -81,7 +81,7 @@ PIPELINE = {"model.n_layers": 4, "train.global_batch_size": 8, "train.micro_batc
           "model.n_expert_groups": 2,
           "train.global_batch_size": 24}, "model.n_expert_groups", "must be a multiple or a divisor of parallel.ep (3)"),
     (4, {"parallel.pp": 2, "parallel.ep": 2, "parallel.overlap": True}, "parallel.overlap",
-     "needs a schedule with F&B pairs"),
+     "true needs F&B pairs"),
     (2, {"parallel.pp": 2, "parallel.pp_schedule": "dualpipe", "parallel.overlap": True}, "parallel.overlap",
      "needs expert parallelism"),
     (2, {"parallel.pp": 2, "train.batch_ramp_start": 4, "train.batch_ramp_samples": 64}, "train.batch_ramp_start",

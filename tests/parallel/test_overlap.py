@@ -8,8 +8,11 @@ Communicator, as DualPipe's F&B pairs do in the executor.
   ones issued with it, as dispatch's rows and their routing).
 - It changes no number: losses and every gradient are bit-identical with the overlap on and off
   (exactly one half computes at any time, each op on the same inputs).
+- Without a pipeline, the accumulation runs as such pairs (forward of j+1 with backward of j) and
+  gives the plain loop's losses and gradients bit for bit.
 """
 import dataclasses
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -91,5 +94,38 @@ def overlap_worker(rank: int, world: int) -> None:
     check_trace(trace_off, overlapped=False)
 
 
-def test_pair_overlaps_the_all_to_alls_and_changes_no_bit():
-    run_workers(overlap_worker, 2, timeout=120)
+
+
+def accumulation_worker(rank: int, world: int) -> None:
+    results = []
+    for overlap in (True, False):
+        cfg = Config(model=MODEL)
+        cfg.parallel = dataclasses.replace(cfg.parallel, ep=world, overlap=overlap)
+        cfg.train.seed = 5
+        model = build_model(cfg, torch.device("cpu"))
+        plan = build_plan(model, cfg, Env(rank, world, rank, torch.device("cpu")))
+        for moe in model.moe_layers():
+            moe.balance_loss_coeff = 0.01
+        g = torch.Generator().manual_seed(200 + rank)
+        batches = [torch.randint(0, MODEL.vocab_size, (2, 13), generator=g) for _ in range(3)]
+        plan.comm.trace = []
+        parts = plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:]), 3, 0.3, nullcontext())
+        pairs = sum(1 for kind, task, _ in plan.comm.trace if kind == "end") // 2
+        assert pairs == (2 if overlap else 0), pairs
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        loads = torch.stack([m.gate.expert_load for m in model.moe_layers()])
+        results.append((parts, grads, loads))
+    (p_on, g_on, l_on), (p_off, g_off, l_off) = results
+    assert torch.equal(p_on, p_off) and torch.equal(l_on, l_off)
+    assert g_on.keys() == g_off.keys()
+    assert all(torch.equal(g_on[n], g_off[n]) for n in g_on), [n for n in g_on if not torch.equal(g_on[n], g_off[n])]
+
+
+def both_workers(rank: int, world: int) -> None:
+    overlap_worker(rank, world)
+    accumulation_worker(rank, world)
+
+
+def test_pairs_overlap_their_all_to_alls_and_change_no_bit():
+    """One launch of 2 processes for both properties (start-up is most of the cost)."""
+    run_workers(both_workers, 2, timeout=180)
