@@ -97,7 +97,7 @@ else
   step train_small 150 $PY $TT --experiment moe_small --device cuda --precision bf16 fp8 --batch 32 --seq-len 1024 \
     --steps 8 --peak-tflops "$PEAK" --out "$OUT/train_moe_small.json"
   step train_rtx 150 $PY $TT --experiment rtx_card --device cuda --precision bf16 fp8 --batch 8 --seq-len 2048 \
-    --steps 6 --peak-tflops "$PEAK" --out "$OUT/train_rtx_card.json"
+    --steps 6 --peak-tflops "$PEAK" --profile --out "$OUT/train_rtx_card.json"
 fi
 
 # 5. Summary.

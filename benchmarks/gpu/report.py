@@ -101,7 +101,10 @@ def training(d, name: str) -> list[str]:
     head = (f"{res['experiment']} on {res['machine']}: batch {res['batch']} x {res['seq_len']} tokens "
             f"({res['data']} tokens), {res['matmul_kind']} {res['matmul_tflops']:.4g} TFLOP/s measured")
     cols = ["contender", "step_s", "tokens_per_s", "speedup_vs_hf", "mfu", "mfu_datasheet", "peak_mem_gib", "first_loss"]
-    return [head, ""] + _table(res["rows"], [c for c in cols if any(c in r for r in res["rows"])])
+    out = [head, ""] + _table(res["rows"], [c for c in cols if any(c in r for r in res["rows"])])
+    for contender, top in res.get("profiles", {}).items():
+        out += ["", f"Top kernels of one step, {contender}:", ""] + _table(top, ["name", "ms", "share", "calls"])
+    return out
 
 
 def main() -> int:
