@@ -146,7 +146,7 @@ class Plan:
         lay, p = self.layout, self.cfg_parallel
         parts = [f"pp={lay.pp} ({p.pp_schedule})" if lay.pp > 1 else None, f"dp={lay.dp}",
                  f"ep={lay.ep}" if lay.ep > 1 else None,
-                 f"F&B overlap {'on' if self.comm.overlap else 'off'}" if lay.ep > 1 and lay.pp > 1 else None]
+                 f"F&B overlap {'on' if self.comm.overlap else 'off'}" if lay.ep > 1 else None]
         return " x ".join(x for x in parts[:3] if x) + (f", {parts[3]}" if parts[3] else "")
 
     # -- router statistics --------------------------------------------------------------------------
