@@ -66,7 +66,7 @@ def test_training_runs_on_prepared_shards(tmp_path):
 
 def test_the_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
     """Document ids are relative to the input given: the same corpus in two places splits alike."""
-    from dsv3.data.corpus import file_documents
+    from dsv3.data.sources import file_documents
     from dsv3.data.shards import is_validation
 
     here, there = make_corpus(str(tmp_path / "here")), make_corpus(str(tmp_path / "elsewhere" / "deeper"))
