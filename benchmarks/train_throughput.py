@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     batch_size = args.batch or exp["train"]["micro_batch_size"]
     data = PackedDataset(shard_directory(DataConfig(), cfg.vocab_size), "train", seq_len)
     sampler = GlobalSampler(len(data), 0)
-    batches = [data.batch(sampler(i * batch_size, batch_size)) for i in range(args.steps + 2)]
+    batches = [data.batch(sampler(i * batch_size, batch_size)).tokens for i in range(args.steps + 2)]
 
     same = dataclasses.replace(cfg, mtp_depth=0)
     ours_same = OursStep(same, seed=0)

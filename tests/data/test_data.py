@@ -91,6 +91,9 @@ def test_packing_cuts_consecutive_windows_with_the_next_token(tmp_path):
         def save(self, path):
             open(path, "w").write("{}")
 
+        def to_str(self):
+            return "toy"
+
     docs = [(f"d{i}", "123456789"[: 3 + i % 7]) for i in range(12)]
     write_shards(str(tmp_path / "s"), docs, Toy(), val_fraction=0.3)
     ds = PackedDataset(str(tmp_path / "s"), "train", 4)
