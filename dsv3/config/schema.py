@@ -166,8 +166,8 @@ class OptimConfig:
 class BlendEntry:
     """One corpus of a `data.blend`."""
 
-    path: str = "???"
-    """Directory of shards written by `launch/prepare_data.py`."""
+    path: Optional[str] = None
+    """Directory of shards written by `launch/prepare_data.py` (required)."""
     weight: float = 1.0
     """Relative share of the training samples (the weights are normalized by their sum)."""
     name: Optional[str] = None

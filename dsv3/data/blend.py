@@ -80,6 +80,11 @@ class Blend:
         documents = None if rows[0].documents is None else torch.cat([r.documents for r in rows])
         return Batch(torch.cat([r.tokens for r in rows]), documents)
 
+    def describe(self) -> str:
+        shares = self.schedule.counts / PERIOD
+        return ", ".join(f"{n} {s:.1%} of samples ({len(d)} samples per epoch)"
+                         for n, s, d in zip(self.names, shares, self.corpora))
+
     def epochs(self, consumed: int) -> np.ndarray:
         """Passes over each corpus that the first `consumed` global samples make (1.5: half-way through its second)."""
         return self.schedule.drawn(consumed) / np.array([len(d) for d in self.corpora])

@@ -93,6 +93,9 @@ class Trainer:
                      "samples of %d tokens; device %s, %s, world size %d", n_params / 1e6, self.plan.global_moe_layers(self.model),
                      len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype,
                      env.world_size)
+            log.info("data: %s%s%s", self.train_data.describe(),
+                     f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
+                     "; attention masked at document boundaries" if cfg.data.document_masks else "")
 
     # -- state -------------------------------------------------------------------------------------------
     def _resume_path(self) -> str | None:
