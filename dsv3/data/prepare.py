@@ -210,22 +210,30 @@ def prepare(inputs: list[str], out: str, tokenizer: str | None = None, vocab_siz
             previous = read_meta_file(os.path.join(partial, PLAN))
         except (OSError, ValueError):
             previous = None
-        if previous != plan:
-            raise InputError(f"{partial} holds an interrupted preparation of other inputs or options: run that "
-                             "command again to finish it, or delete the directory to start over")
-    else:
+        if previous != plan:  # another command was interrupted here: its units are not this one's
+            log.warning("discarding %s: an interrupted preparation of other inputs or options (%d units done)",
+                        partial, len(glob.glob(os.path.join(partial, "unit-*.json"))))
+            shutil.rmtree(partial)
+    if not os.path.isdir(partial):
         os.makedirs(partial)
         write_json_atomic(os.path.join(partial, PLAN), plan)
 
-    tok = _tokenizer_for(partial, tokenizer, base, out, vocab_size, tokenizer_docs, sources, opts)
-    jobs = [(first_unit + i, u) for i, u in enumerate(units)]
-    pending = [j for j in jobs if not os.path.isfile(_marker(partial, j[0]))]
-    if len(pending) < len(jobs):
-        log.info("resuming %s: %d of %d units already done", partial, len(jobs) - len(pending), len(jobs))
-    total = sum(s.size for s in sources)
-    done_bytes = total - sum(s.size for _, u in pending for s in u)
-    _run_pending(pending, tok, opts, partial, workers, total, done_bytes, progress_every)
-    return _finish(partial, out, jobs, tok, base, inputs, overwrite)
+    try:
+        tok = _tokenizer_for(partial, tokenizer, base, out, vocab_size, tokenizer_docs, sources, opts)
+        jobs = [(first_unit + i, u) for i, u in enumerate(units)]
+        pending = [j for j in jobs if not os.path.isfile(_marker(partial, j[0]))]
+        if len(pending) < len(jobs):
+            log.info("resuming %s: %d of %d units already done", partial, len(jobs) - len(pending), len(jobs))
+        total = sum(s.size for s in sources)
+        done_bytes = total - sum(s.size for _, u in pending for s in u)
+        _run_pending(pending, tok, opts, partial, workers, total, done_bytes, progress_every)
+        return _finish(partial, out, jobs, tok, base, inputs, overwrite)
+    except (InputError, ValueError):
+        # Bad input: nothing is left behind, unless units were finished (a run with the same plan, e.g. after
+        # fixing a file's permissions, resumes from them; any other run discards them).
+        if not glob.glob(os.path.join(partial, "unit-*.json")):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def read_meta_file(path: str) -> dict:
