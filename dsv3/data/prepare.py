@@ -227,12 +227,16 @@ def prepare(inputs: list[str], out: str, tokenizer: str | None = None, vocab_siz
         total = sum(s.size for s in sources)
         done_bytes = total - sum(s.size for _, u in pending for s in u)
         _run_pending(pending, tok, opts, partial, workers, total, done_bytes, progress_every)
-        return _finish(partial, out, jobs, tok, base, inputs, overwrite)
     except (InputError, ValueError):
         # Bad input: nothing is left behind, unless units were finished (a run with the same plan, e.g. after
         # fixing a file's permissions, resumes from them; any other run discards them).
         if not glob.glob(os.path.join(partial, "unit-*.json")):
             shutil.rmtree(partial, ignore_errors=True)
+        raise
+    try:
+        return _finish(partial, out, jobs, tok, base, inputs, overwrite)
+    except ValueError:  # e.g. an empty split: this plan cannot succeed, whatever is resumed
+        shutil.rmtree(partial, ignore_errors=True)
         raise
 
 
