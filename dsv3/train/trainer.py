@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dsv3.config.schema import Config
-from dsv3.data import build_data
+from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
 from dsv3.parallel.mesh import Env, all_reduce_sum
