@@ -119,3 +119,26 @@ def test_a_blend_of_differently_tokenized_corpora_is_refused(corpora):
     cfg.parallel.pp = 2
     with pytest.raises(ConfigError, match="data.document_masks"):
         validate(cfg, world_size=2)
+
+
+def test_training_on_a_blend_with_fim_and_masks_resumes_exactly(corpora, tmp_path):
+    from tests.helpers import read_metrics, run_pretrain
+
+    args = ["+experiment=moe_tiny", "data=shards", "data.seq_len=32", "data.fim_rate=0.5", "data.document_masks=true",
+            f"data.blend=[{{path:{corpora[0]},weight:3}},{{path:{corpora[1]},weight:1,name:tiny}}]"]
+    ref, cut = str(tmp_path / "reference"), str(tmp_path / "cut")
+    r = run_pretrain(ref, *args, "train.max_steps=6", "train.resume=none")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "web 75.0% of samples" in r.stdout and "FIM on 50%" in r.stdout and "document boundaries" in r.stdout
+    assert run_pretrain(cut, *args, "train.max_steps=3", "train.resume=none").returncode == 0
+    r = run_pretrain(cut, *args, "train.max_steps=6")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    reference, resumed = read_metrics(ref), read_metrics(cut)[3:]
+    assert [m["step"] for m in resumed] == [4, 5, 6]
+    for a, b in zip(reference[3:], resumed):
+        assert a["loss"] == b["loss"] and a["mtp_loss"] == b["mtp_loss"]
+        assert a["data/epoch/tiny"] == b["data/epoch/tiny"]
+    last = reference[-1]  # 6 steps of 8 samples: 36 web, 12 tiny
+    assert last["data/share/web"] == 0.75 and last["data/share/tiny"] == 0.25
+    samples = 36 / last["data/epoch/web"]  # per epoch: more than without FIM, whose documents are 3 tokens longer
+    assert samples == pytest.approx(round(samples), abs=1e-6) and round(samples) > len(PackedDataset(corpora[0], "train", 32))
