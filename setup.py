@@ -76,7 +76,11 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.57", "triton>=3.2", "matplotlib>=3.7"],
+        # reading .parquet and saved `datasets` directories (pyarrow), .zst files (zstandard) in prepare_data
+        "data": ["pyarrow>=14", "zstandard>=0.22"],
+        # datasets: the tests write real `save_to_disk` directories for prepare_data to read
+        "test": ["pytest>=8", "transformers>=4.57", "triton>=3.2", "matplotlib>=3.7", "pyarrow>=14",
+                 "zstandard>=0.22", "datasets>=2.14"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
     },
     ext_modules=[dispatch_extension()],
