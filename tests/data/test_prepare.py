@@ -234,3 +234,13 @@ def test_the_documents_end_with_eos_where_the_index_says(tmp_path, tokenizer_fil
         ends = np.fromfile(str(tmp_path / "o" / f["file"].replace(".bin", ".idx")), dtype=np.int64)
         assert ends[-1] == len(ids) and (ids[ends - 1] == tok.token_to_id(EOS)).all()
         assert (ids == tok.token_to_id(EOS)).sum() == len(ends) == f["documents"]
+
+
+def test_a_missing_optional_reader_says_what_to_install(tmp_path, monkeypatch):
+    write_parquet(str(tmp_path / "t.parquet"), texts(5, 0))
+    write_jsonl(str(tmp_path / "t.jsonl.zst"), texts(5, 0))
+    for module, name in (("pyarrow", "t.parquet"), ("zstandard", "t.jsonl.zst")):
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+            with pytest.raises(InputError, match=rf"{name}.*needs the `{module}` package: pip install -e '.\[data\]'"):
+                list(file_documents([str(tmp_path / name)]))
