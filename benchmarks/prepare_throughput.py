@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsv3.data.corpus import stdlib_documents  # noqa: E402
 from dsv3.data.prepare import Options, prepare  # noqa: E402
-from dsv3.data.shards import read_meta  # noqa: E402
 from dsv3.data.tokenizer import train_bpe  # noqa: E402
 
 

@@ -6,7 +6,6 @@ same Python build, and needing no download. Its fingerprint (a hash of paths and
 cache, so a different Python gets its own tokenizer and shards rather than a stale one.
 """
 import hashlib
-import os
 import pathlib
 import sysconfig
 from typing import Iterable

@@ -3,7 +3,7 @@ import os
 
 from dsv3.config.schema import DataConfig
 from dsv3.data.blend import Blend
-from dsv3.data.dataset import Batch, GlobalSampler, PackedDataset
+from dsv3.data.dataset import PackedDataset
 from dsv3.data.embedded import stdlib_shards
 from dsv3.data.fim import Fim
 from dsv3.data.shards import read_meta
