@@ -154,7 +154,7 @@ def write_shards(out_dir: str, documents: Iterable[tuple[str, str]], tokenizer, 
         if batch:
             encoder.add(batch)
         unit = encoder.close()
-        meta = build_meta(tokenizer, unit["splits"], unit["documents"], extra_meta)
+        meta = build_meta(tokenizer, unit["splits"], unit["documents"], {"units": 1, **(extra_meta or {})})
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         write_json_atomic(os.path.join(tmp, META), meta)
     except BaseException:
