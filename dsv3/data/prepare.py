@@ -139,6 +139,13 @@ def _source_key(s: Source) -> list:
     return [s.name, os.path.abspath(s.path), s.size, int(os.path.getmtime(s.path))]
 
 
+def _user_tokenizer(path: str):
+    try:
+        return load_tokenizer(path)
+    except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file
+        raise InputError(f"--tokenizer {path}: not a readable tokenizer.json ({e})") from None
+
+
 def _tokenizer_for(partial: str, tokenizer_path: str | None, base: dict | None, out: str,
                    vocab_size: int, tokenizer_docs: int, sources: list[Source], opts: Options):
     saved = os.path.join(partial, "tokenizer.json")
@@ -146,11 +153,11 @@ def _tokenizer_for(partial: str, tokenizer_path: str | None, base: dict | None, 
         return load_tokenizer(saved)
     if base is not None:
         tok = load_tokenizer(os.path.join(out, "tokenizer.json"))
-        if tokenizer_path and tokenizer_digest(load_tokenizer(tokenizer_path)) != base["tokenizer_sha256"]:
+        if tokenizer_path and tokenizer_digest(_user_tokenizer(tokenizer_path)) != base["tokenizer_sha256"]:
             raise InputError(f"--tokenizer {tokenizer_path} differs from the tokenizer of {out}, which "
                              "--append keeps (omit --tokenizer)")
     elif tokenizer_path:
-        tok = load_tokenizer(tokenizer_path)
+        tok = _user_tokenizer(tokenizer_path)
         eos_id(tok)  # has an end-of-text token, or a clear error
         added = ensure_fim_tokens(tok)
         if added:
@@ -201,7 +208,7 @@ def prepare(inputs: list[str], out: str, tokenizer: str | None = None, vocab_siz
     units = plan_units(sources, opts.unit_bytes)
     first_unit = base["units"] if base is not None else 0
     plan = {"sources": [_source_key(s) for s in sources], "options": asdict(opts),
-            "tokenizer": (f"file:{tokenizer_digest(load_tokenizer(tokenizer))}" if tokenizer and base is None
+            "tokenizer": (f"file:{tokenizer_digest(_user_tokenizer(tokenizer))}" if tokenizer and base is None
                           else f"bpe:{vocab_size}:{tokenizer_docs}" if base is None else "append"),
             "append_to": base["tokenizer_sha256"] + f":{base['units']}:{base['documents']}" if base else None}
     partial = f"{out}.partial"

@@ -203,14 +203,17 @@ def _bad(tmp_path, case):
         return [str(tmp_path / "nowhere")], {}, "nowhere"
     if case == "empty validation split":
         return [good], {"val_fraction": 0.001}, "the val split is empty"
+    if case == "no tokenizer":
+        return [good], {}, "missing.json: not a readable tokenizer.json"
 
 
 @pytest.mark.parametrize("case", ["empty file", "missing column", "missing field", "corrupt gzip", "not json",
-                                  "unknown format", "missing path", "empty validation split"])
+                                  "unknown format", "missing path", "empty validation split", "no tokenizer"])
 def test_bad_input_is_named_and_nothing_is_written(tmp_path, tokenizer_file, case):
     inputs, opts, message = _bad(tmp_path, case)
+    tok = str(tmp_path / "missing.json") if case == "no tokenizer" else tokenizer_file
     with pytest.raises((InputError, FileNotFoundError, ValueError), match=message):
-        prepare(inputs, str(tmp_path / "out"), tokenizer=tokenizer_file, options=Options(**opts))
+        prepare(inputs, str(tmp_path / "out"), tokenizer=tok, options=Options(**opts))
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
 
 
