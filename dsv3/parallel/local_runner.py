@@ -19,7 +19,8 @@ import torch
 from dsv3.model import Transformer
 from dsv3.parallel.overlap import Communicator
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]   # (tokens [b, S], labels [b, S])
+# (tokens [b, S], labels [b, S], the tokens' document numbers [b, S] with data.document_masks, else None)
+MicroBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
 
 class LocalRunner:
@@ -35,9 +36,9 @@ class LocalRunner:
         moes = model.moe_layers()
 
         def forward(j: int) -> tuple[torch.Tensor, torch.Tensor]:
-            tokens, labels = micro_batch(j)
+            tokens, labels, documents = micro_batch(j)
             with autocast:
-                parts = model.losses(tokens, labels)
+                parts = model.losses(tokens, labels, documents)
             mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
             balance = sum((m.last_balance_loss.to(self.device) for m in moes), torch.zeros((), device=self.device))
             logged = torch.stack([parts.main.detach().float(), mtp.detach().float(), balance]) / n_micro
@@ -61,9 +62,9 @@ class LocalRunner:
         return sums + logged
 
     @torch.no_grad()
-    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
+    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
                   autocast: AbstractContextManager) -> Optional[torch.Tensor]:
         """Main next-token CE of one batch (the held-out loss)."""
         self.model.eval()
         with autocast:
-            return self.model.main_loss(self.model.hidden(tokens), labels)
+            return self.model.main_loss(self.model.hidden(tokens, documents), labels)

@@ -21,7 +21,9 @@ from dsv3.parallel.model_stages import HeadLoss, StepContext
 from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
 from dsv3.parallel.pipeline.schedule import Schedule
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]   # (tokens [b, S], labels [b, S])
+# (tokens [b, S], labels [b, S], document numbers: always None here, validation refuses document
+# masks with pipelines, whose stages pass on activations only)
+MicroBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
 
 class PipelineRunner:
@@ -73,7 +75,7 @@ class PipelineRunner:
         inputs: list = [None] * m
         targets: list = [None] * m
         for j in sorted(set(self._first) | set(self._last)):
-            tokens, labels = micro_batch(j)
+            tokens, labels, _ = micro_batch(j)
             inputs[j], targets[j] = tokens, (tokens, labels)
         for mod in self._modules():
             mod.train()
@@ -87,8 +89,8 @@ class PipelineRunner:
         return sums
 
     @torch.no_grad()
-    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
-                     autocast: AbstractContextManager) -> Optional[torch.Tensor]:
+    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
+                  autocast: AbstractContextManager) -> Optional[torch.Tensor]:
         """Main next-token CE of one batch through all stages (micro-batch 0's route), no backward:
         the held-out loss. Returns it on the rank running the last stage, None on the others; every
         pipeline rank of the data-parallel replica must call it with the same batch shape."""

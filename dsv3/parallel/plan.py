@@ -86,7 +86,8 @@ class Plan:
     # -- the step ---------------------------------------------------------------------------------
     def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
                    autocast: AbstractContextManager) -> torch.Tensor:
-        """Forward and backward of this replica's n_micro micro-batches (`micro_batch(j)` loads one);
+        """Forward and backward of this replica's n_micro micro-batches (`micro_batch(j)` loads one:
+        tokens, labels, document numbers or None);
         gradients accumulate in `.grad`. Returns [main CE, MTP CE, balance loss] of what this rank
         computed (see `global_loss_parts`)."""
         return self.runner.train_step(micro_batch, n_micro, mtp_weight, autocast)
@@ -98,11 +99,11 @@ class Plan:
             dist.all_reduce(parts)
         return parts / self.dp
 
-    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
+    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
                   autocast: AbstractContextManager) -> Optional[torch.Tensor]:
         """Main next-token CE of one batch, no backward; None on ranks that do not compute it (not the
         last pipeline stage). Every rank of a replica, and of an EP group, must call it alike."""
-        return self.runner.eval_loss(tokens, labels, autocast)
+        return self.runner.eval_loss(tokens, labels, documents, autocast)
 
     @torch.no_grad()
     def reduce_and_clip(self, max_norm: float) -> torch.Tensor:

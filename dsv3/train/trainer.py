@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dsv3.config.schema import Config
-from dsv3.data import GlobalSampler, PackedDataset, shard_directory
+from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
 from dsv3.parallel.mesh import Env, all_reduce_sum
@@ -61,10 +61,8 @@ class Trainer:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
 
-        shards = shard_directory(cfg.data, cfg.model.vocab_size)
-        self.train_data = PackedDataset(shards, "train", cfg.data.seq_len)
-        self.val_data = PackedDataset(shards, "val", cfg.data.seq_len)
-        self.sampler = GlobalSampler(len(self.train_data), t.seed)
+        # global sample index -> sample, over one corpus or a weighted blend (stateless: resumable exactly)
+        self.train_data, self.val_data = build_data(cfg.data, cfg.model.vocab_size, t.seed)
 
         self.model = build_model(cfg, env.device)
         resume = self._resume_path()
@@ -91,6 +89,9 @@ class Trainer:
                      "samples of %d tokens; device %s, %s, world size %d: %s", n_params / 1e6,
                      self.plan.n_moe_layers, len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device,
                      cfg.precision.dtype, env.world_size, self.plan.describe())
+            log.info("data: %s%s%s", self.train_data.describe(),
+                     f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
+                     "; attention masked at document boundaries" if cfg.data.document_masks else "")
 
     # -- state -------------------------------------------------------------------------------------------
     def _resume_path(self) -> str | None:
@@ -104,9 +105,12 @@ class Trainer:
         log.info("saved %s", path)
 
     # -- steps -------------------------------------------------------------------------------------------
-    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.train_data.batch(self.sampler(first, count)).to(self.env.device)
-        return batch[:, :-1], batch[:, 1:]
+    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, labels and (with data.document_masks) the inputs' document numbers."""
+        batch = self.train_data.batch(range(first, first + count))
+        tokens = batch.tokens.to(self.env.device)
+        docs = None if batch.documents is None else batch.documents[:, :-1].to(self.env.device)
+        return tokens[:, :-1], tokens[:, 1:], docs
 
     def train_step(self) -> dict:
         cfg, t, st = self.cfg, self.cfg.train, self.state
@@ -118,7 +122,7 @@ class Trainer:
             moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
-        def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
 
         sums = self.plan.train_step(micro_batch, n_micro, lam, self.autocast)  # main CE, MTP CE, balance
@@ -130,8 +134,9 @@ class Trainer:
         sums = self.plan.global_loss_parts(sums)
         st.step += 1
         st.consumed_samples += batch_size
+        data = self.train_data.report(st.consumed_samples - batch_size, st.consumed_samples, st.step)
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
-                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance,
+                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance, **data,
                 **self.plan.step_metrics()}
 
     @torch.no_grad()
@@ -146,8 +151,10 @@ class Trainer:
         chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
-            batch = self.val_data.batch(chunk or [0]).to(self.env.device)  # [0]: a filler, not counted
-            loss = self.plan.eval_loss(batch[:, :-1], batch[:, 1:], self.autocast)  # None off the last stage
+            data = self.val_data.batch(chunk or [0])  # [0]: a filler, not counted
+            batch = data.tokens.to(self.env.device)
+            docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
+            loss = self.plan.eval_loss(batch[:, :-1], batch[:, 1:], docs, self.autocast)  # None off the last stage
             if chunk and loss is not None:
                 total += torch.stack([loss.float() * batch.shape[0], loss.new_tensor(float(batch.shape[0]))])
         all_reduce_sum(total)

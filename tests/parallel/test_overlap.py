@@ -109,7 +109,7 @@ def accumulation_worker(rank: int, world: int) -> None:
         g = torch.Generator().manual_seed(200 + rank)
         batches = [torch.randint(0, MODEL.vocab_size, (2, 13), generator=g) for _ in range(3)]
         plan.comm.trace = []
-        parts = plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:]), 3, 0.3, nullcontext())
+        parts = plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:], None), 3, 0.3, nullcontext())
         pairs = sum(1 for kind, task, _ in plan.comm.trace if kind == "end") // 2
         assert pairs == (2 if overlap else 0), pairs
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
