@@ -64,7 +64,8 @@ def test_put_rows_copies_the_gathered_rows_into_each_destination(dtype, h):
     ext = dispatch.extension()
     ext.put_rows(x, src, ext.row_addresses(seg_end, dst_row0, base, sum(counts), row_bytes))
     want = dispatch_reference.gather_rows(x, src)
-    assert torch.equal(placed_rows(buffers, base, dst_row0, counts, row_bytes), want.view(torch.uint8).view(-1, row_bytes))
+    got = placed_rows(buffers, base, dst_row0, counts, row_bytes)
+    assert torch.equal(got, want.view(torch.uint8).view(-1, row_bytes))
 
 
 @pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
