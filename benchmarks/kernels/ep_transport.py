@@ -1,0 +1,143 @@
+"""The EP transports on CPU, ep ranks as processes on this machine: dispatch and combine exchanges through
+the direct transport (rows written into the peers' shared memory) against gloo's all_to_all_single,
+measured in the same run.
+
+    python benchmarks/kernels/ep_transport.py [--ep 2 4 --tokens 256 1024 4096] [--json out.json] [--write-docs]
+
+V3-like rows: hidden 7168, top-8 of 256 experts (uniform random routing). Dispatch = the counts exchange
+plus every (token, destination rank) row in FP8 with its 1x128 scales and its local expert ids
+(7168 + 224 + 64 bytes); combine = every (token, k) expert output back in BF16 (14336 bytes). Both
+transports run the same kernels to produce the rows (the FP8 quantization included); the all-to-all
+writes them to a send buffer and moves that, the direct transport writes them into the receivers'
+buffers. Times: the median over iterations of each rank's time per exchange, the slowest rank's;
+GB/s: the bytes a rank receives (from every rank, itself included) per second, averaged over ranks.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "kernels.md")
+BEGIN = "<!-- ep-transport-table:begin (benchmarks/kernels/ep_transport.py --write-docs) -->"
+END = "<!-- ep-transport-table:end -->"
+
+
+def worker(rank: int, world: int, cfg: dict) -> list[dict]:
+    from dsv3.kernels import dispatch
+    from dsv3.parallel.ep_transport import AllToAllTransport, DirectTransport, Gather, GatherFp8
+
+    group = dist.group.WORLD
+    transports = [DirectTransport(group, torch.device("cpu")), AllToAllTransport(group)]
+    h, k, e = cfg["hidden"], cfg["topk"], cfg["experts"]
+    out = []
+    for tokens in cfg["tokens"]:
+        g = torch.Generator().manual_seed(1000 * tokens + rank)
+        topk = torch.rand(tokens, e, generator=g).topk(k, dim=1).indices
+        x = torch.randn(tokens, h, generator=g).to(torch.bfloat16)
+        lay = dispatch.dispatch_layout(topk, e, world)
+        counts = torch.stack([lay.tokens_per_rank, lay.pairs_per_rank], dim=1)
+        topk_rows = Gather(lay.send_topk, torch.arange(lay.send_topk.shape[0]))
+        result = dict(ep=world, tokens=tokens)
+        for tr in transports:
+            _, pairs = tr.exchange_counts(counts)
+            y = torch.randn(sum(pairs.recv), h, generator=g).to(torch.bfloat16)  # this rank's expert outputs
+            y_rows = Gather(y, torch.arange(y.shape[0]))
+
+            def dispatch_once():
+                tokens_splits, _ = tr.exchange_counts(counts)
+                pending = tr.issue([GatherFp8(x, lay.send_token), topk_rows], tokens_splits)
+                received = tr.wait(pending)
+                tr.release(pending)
+                return received[0].shape[0]
+
+            def combine_once():
+                pending = tr.issue([y_rows], pairs.reversed())
+                received = tr.wait(pending)
+                tr.release(pending)
+                return received[0].shape[0]
+
+            for name, op, row_bytes in (("dispatch", dispatch_once, h + 4 * -(-h // 128) + 8 * k),
+                                        ("combine", combine_once, 2 * h)):
+                rows = op()  # warm-up: buffers grow, pages are touched
+                times = []
+                for _ in range(cfg["iters"]):
+                    t0 = time.perf_counter()
+                    op()
+                    times.append(time.perf_counter() - t0)
+                result[f"{name}_{tr.kind}_s"] = statistics.median(times)
+                result[f"{name}_rows"] = rows
+                result[f"{name}_bytes"] = rows * row_bytes
+        out.append(result)
+    transports[0].close()
+    return out
+
+
+def merge(per_rank: list[list[dict]]) -> list[dict]:
+    """Per configuration: the slowest rank's time, the mean received bytes and rows."""
+    merged = []
+    for results in zip(*per_rank):
+        m = dict(ep=results[0]["ep"], tokens=results[0]["tokens"])
+        for key in results[0]:
+            if key.endswith("_s"):
+                m[key] = max(r[key] for r in results)
+            elif key.endswith(("_bytes", "_rows")):
+                m[key] = statistics.mean(r[key] for r in results)
+        for op in ("dispatch", "combine"):
+            for kind in ("direct", "all_to_all"):
+                m[f"{op}_{kind}_GBps"] = m[f"{op}_bytes"] / m[f"{op}_{kind}_s"] / 1e9
+            m[f"{op}_speedup"] = m[f"{op}_all_to_all_s"] / m[f"{op}_direct_s"]
+        merged.append(m)
+    return merged
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| ep | tokens/rank | op | rows received/rank | MB received/rank | direct ms | all_to_all ms | "
+             "direct GB/s | all_to_all GB/s | direct speedup |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in rows:
+        for op in ("dispatch", "combine"):
+            lines.append(f"| {m['ep']} | {m['tokens']} | {op} | {m[f'{op}_rows']:.0f} | {m[f'{op}_bytes'] / 1e6:.1f} | "
+                         f"{m[f'{op}_direct_s'] * 1e3:.2f} | {m[f'{op}_all_to_all_s'] * 1e3:.2f} | "
+                         f"{m[f'{op}_direct_GBps']:.2f} | {m[f'{op}_all_to_all_GBps']:.2f} | "
+                         f"{m[f'{op}_speedup']:.1f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from dsv3.parallel.pipeline.testing import run_ranks
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ep", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--iters", type=int, default=7)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--write-docs", action="store_true", help=f"replace the table between the markers in {DOC}")
+    args = p.parse_args()
+    cfg = dict(hidden=args.hidden, topk=args.topk, experts=args.experts, tokens=args.tokens, iters=args.iters)
+    rows = []
+    for ep in args.ep:
+        rows += merge(run_ranks(worker, ep, cfg, timeout=1800))
+        print(table(rows[-len(args.tokens):]), flush=True)
+    meta = dict(machine=platform.processor() or platform.machine(), cpus=os.cpu_count(), torch=torch.__version__,
+                threads_per_rank=1, **cfg)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=1)
+    if args.write_docs:
+        with open(DOC) as f:
+            doc = f.read()
+        start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
+        with open(DOC, "w") as f:
+            f.write(doc[:start] + "\n" + table(rows) + "\n" + doc[end:])
+
+
+if __name__ == "__main__":
+    main()
