@@ -256,6 +256,7 @@ class DirectTransport:
         self.control.view(self.rank, 0, (control_words,), torch.int64).fill_(-1)
         if on_gpu:
             self.data_flags.view(self.rank, 0, (self._free_at(S),), torch.int64).fill_(-1)
+            torch.cuda.synchronize(device)  # before any peer may signal: the fill must not land after it
         self.slots = [SymmetricBuffer(self.peers, f"slot{k}", [0] * R, device) for k in range(S)]
         self._flags = self._flag_addresses()
         self._round = 0                      # data exchanges issued

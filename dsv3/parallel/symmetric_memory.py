@@ -121,6 +121,7 @@ class SymmetricBuffer:
         old_own = self._own if me in changed else 0
         if me in changed:
             self._own, handle = ext.cuda_ipc_alloc(sizes[me], dev)
+            torch.cuda.synchronize(self.device)  # the zeroing (cudaMemset is asynchronous) is done
         handles: list = [None] * self.peers.size
         dist.all_gather_object(handles, handle, group=self.peers.group)
         for r in changed:

@@ -239,3 +239,18 @@ def test_a_stalled_rank_times_out_and_a_dead_rank_is_named_at_once():
         message, waited = report["death"]
         assert f"rank 1 of the EP group (pid {procs[1].pid}) exited" in message, message
         assert waited < 10, waited  # the liveness check, long before the 60 s timeout
+
+
+def test_gpu_benchmark_of_the_transport_kernels_runs_dry_on_the_cpu():
+    """benchmarks/gpu/ep_transport.py (for the GPU check) runs its tiny CPU variant: every op times."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "gpu", "ep_transport.py")
+    spec = importlib.util.spec_from_file_location("gpu_ep_transport", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.run(dry_run=True)
+    assert report["mode"] == "dry-run"
+    ops = {r["op"] for r in report["rows"]}
+    assert {"copy_ (memory bandwidth)", "dispatch put fp8 + scales", "combine put bf16"} <= ops
+    assert all(r["ms"] > 0 and r["gb_per_s"] > 0 for r in report["rows"])
