@@ -6,7 +6,8 @@ measured in the same run.
 
 V3-like rows: hidden 7168, top-8 of 256 experts (uniform random routing). Dispatch = the counts exchange
 plus every (token, destination rank) row in FP8 with its 1x128 scales and its local expert ids
-(7168 + 224 + 64 bytes); combine = every (token, k) expert output back in BF16 (14336 bytes). Both
+(7168 + 224 + 64 bytes), and the same in BF16 (14336 + 64 bytes: no quantization, which on a CPU
+costs more than moving the rows); combine = every (token, k) expert output back in BF16 (14336 bytes). Both
 transports run the same kernels to produce the rows (the FP8 quantization included); the all-to-all
 writes them to a send buffer and moves that, the direct transport writes them into the receivers'
 buffers. Times: the median over iterations of each rank's time per exchange, the slowest rank's;
@@ -25,6 +26,7 @@ import torch.distributed as dist
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "kernels.md")
 BEGIN = "<!-- ep-transport-table:begin (benchmarks/kernels/ep_transport.py --write-docs) -->"
 END = "<!-- ep-transport-table:end -->"
+OPS = {"dispatch": "dispatch FP8", "dispatch_bf16": "dispatch BF16", "combine": "combine BF16"}
 
 
 def worker(rank: int, world: int, cfg: dict) -> list[dict]:
@@ -61,7 +63,15 @@ def worker(rank: int, world: int, cfg: dict) -> list[dict]:
                 tr.release(pending)
                 return received[0].shape[0]
 
+            def dispatch_bf16_once():
+                tokens_splits, _ = tr.exchange_counts(counts)
+                pending = tr.issue([Gather(x, lay.send_token), topk_rows], tokens_splits)
+                received = tr.wait(pending)
+                tr.release(pending)
+                return received[0].shape[0]
+
             for name, op, row_bytes in (("dispatch", dispatch_once, h + 4 * -(-h // 128) + 8 * k),
+                                        ("dispatch_bf16", dispatch_bf16_once, 2 * h + 8 * k),
                                         ("combine", combine_once, 2 * h)):
                 rows = op()  # warm-up: buffers grow, pages are touched
                 times = []
@@ -87,7 +97,7 @@ def merge(per_rank: list[list[dict]]) -> list[dict]:
                 m[key] = max(r[key] for r in results)
             elif key.endswith(("_bytes", "_rows")):
                 m[key] = statistics.mean(r[key] for r in results)
-        for op in ("dispatch", "combine"):
+        for op in OPS:
             for kind in ("direct", "all_to_all"):
                 m[f"{op}_{kind}_GBps"] = m[f"{op}_bytes"] / m[f"{op}_{kind}_s"] / 1e9
             m[f"{op}_speedup"] = m[f"{op}_all_to_all_s"] / m[f"{op}_direct_s"]
@@ -100,8 +110,9 @@ def table(rows: list[dict]) -> str:
              "direct GB/s | all_to_all GB/s | direct speedup |",
              "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m in rows:
-        for op in ("dispatch", "combine"):
-            lines.append(f"| {m['ep']} | {m['tokens']} | {op} | {m[f'{op}_rows']:.0f} | {m[f'{op}_bytes'] / 1e6:.1f} | "
+        for op in OPS:
+            lines.append(f"| {m['ep']} | {m['tokens']} | {OPS[op]} | {m[f'{op}_rows']:.0f} | "
+                         f"{m[f'{op}_bytes'] / 1e6:.1f} | "
                          f"{m[f'{op}_direct_s'] * 1e3:.2f} | {m[f'{op}_all_to_all_s'] * 1e3:.2f} | "
                          f"{m[f'{op}_direct_GBps']:.2f} | {m[f'{op}_all_to_all_GBps']:.2f} | "
                          f"{m[f'{op}_speedup']:.1f}x |")

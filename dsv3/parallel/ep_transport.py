@@ -235,6 +235,10 @@ class DirectTransport:
                  timeout_s: float = DEFAULT_TIMEOUT_S):
         if slots < 1:
             raise ValueError(f"DirectTransport: slots={slots} must be >= 1")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"DirectTransport: device {device} is neither cpu (shared memory) nor cuda (CUDA IPC)")
         self.device, self.n_slots, self.timeout_s = device, slots, float(timeout_s)
         self.peers = Peers.gather(group)
         self.group, self.n_ranks, self.rank = group, self.peers.size, self.peers.rank
