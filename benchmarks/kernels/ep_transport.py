@@ -45,43 +45,35 @@ def worker(rank: int, world: int, cfg: dict) -> list[dict]:
         counts = torch.stack([lay.tokens_per_rank, lay.pairs_per_rank], dim=1)
         topk_rows = Gather(lay.send_topk, torch.arange(lay.send_topk.shape[0]))
         result = dict(ep=world, tokens=tokens)
-        for tr in transports:
-            _, pairs = tr.exchange_counts(counts)
-            y = torch.randn(sum(pairs.recv), h, generator=g).to(torch.bfloat16)  # this rank's expert outputs
-            y_rows = Gather(y, torch.arange(y.shape[0]))
+        # The combine's splits, from each transport's own counts exchange (direct: with the full matrix).
+        pairs = {tr.kind: tr.exchange_counts(counts)[1].reversed() for tr in transports}
+        y = torch.randn(sum(pairs["direct"].send), h, generator=g).to(torch.bfloat16)  # this rank's expert outputs
+        y_rows = Gather(y, torch.arange(y.shape[0]))
 
-            def dispatch_once():
-                tokens_splits, _ = tr.exchange_counts(counts)
-                pending = tr.issue([GatherFp8(x, lay.send_token), topk_rows], tokens_splits)
-                received = tr.wait(pending)
-                tr.release(pending)
-                return received[0].shape[0]
+        def exchange(tr, rows, counted: bool) -> int:
+            """Dispatch: the counts exchange, then the rows; combine: the rows (the counts are known)."""
+            splits = tr.exchange_counts(counts)[0] if counted else pairs[tr.kind]
+            pending = tr.issue(rows, splits)
+            received = tr.wait(pending)
+            tr.release(pending)
+            return received[0].shape[0]
 
-            def combine_once():
-                pending = tr.issue([y_rows], pairs.reversed())
-                received = tr.wait(pending)
-                tr.release(pending)
-                return received[0].shape[0]
-
-            def dispatch_bf16_once():
-                tokens_splits, _ = tr.exchange_counts(counts)
-                pending = tr.issue([Gather(x, lay.send_token), topk_rows], tokens_splits)
-                received = tr.wait(pending)
-                tr.release(pending)
-                return received[0].shape[0]
-
-            for name, op, row_bytes in (("dispatch", dispatch_once, h + 4 * -(-h // 128) + 8 * k),
-                                        ("dispatch_bf16", dispatch_bf16_once, 2 * h + 8 * k),
-                                        ("combine", combine_once, 2 * h)):
-                rows = op()  # warm-up: buffers grow, pages are touched
-                times = []
-                for _ in range(cfg["iters"]):
+        ops = {"dispatch": (lambda tr: exchange(tr, [GatherFp8(x, lay.send_token), topk_rows], True),
+                            h + 4 * -(-h // 128) + 8 * k),
+               "dispatch_bf16": (lambda tr: exchange(tr, [Gather(x, lay.send_token), topk_rows], True), 2 * h + 8 * k),
+               "combine": (lambda tr: exchange(tr, [y_rows], False), 2 * h)}
+        for name, (op, row_bytes) in ops.items():
+            rows = [op(tr) for tr in transports][0]  # warm-up: buffers grow, pages are touched
+            times = {tr.kind: [] for tr in transports}
+            for _ in range(cfg["iters"]):  # interleaved, so that a change in the machine's load hits both
+                for tr in transports:
                     t0 = time.perf_counter()
-                    op()
-                    times.append(time.perf_counter() - t0)
-                result[f"{name}_{tr.kind}_s"] = statistics.median(times)
-                result[f"{name}_rows"] = rows
-                result[f"{name}_bytes"] = rows * row_bytes
+                    op(tr)
+                    times[tr.kind].append(time.perf_counter() - t0)
+            for kind, ts in times.items():
+                result[f"{name}_{kind}_s"] = statistics.median(ts)
+            result[f"{name}_rows"] = rows
+            result[f"{name}_bytes"] = rows * row_bytes
         out.append(result)
     transports[0].close()
     return out
