@@ -55,6 +55,17 @@ def resolve_transport(requested: str, ep: int, local_world_size: int) -> tuple[s
     return "all_to_all", f"auto: EP groups of {ep} ranks span nodes of {local_world_size} ranks"
 
 
+def gpus_reach_each_other(group: dist.ProcessGroup, device: torch.device) -> bool:
+    """Collective over the group: whether every rank's GPU can access every other's memory (NVLink or
+    PCIe peer-to-peer; consumer cards often cannot), which CUDA IPC writes need."""
+    devices: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(devices, device.index, group=group)
+    mine = all(d == device.index or torch.cuda.can_device_access_peer(device.index, d) for d in devices)
+    everyone: list = [None] * len(devices)
+    dist.all_gather_object(everyone, mine, group=group)
+    return all(everyone)
+
+
 # -- what an exchange sends ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)

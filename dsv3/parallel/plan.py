@@ -27,7 +27,8 @@ from torch import nn
 from dsv3.config.schema import Config
 from dsv3.model.moe import Experts, MoE
 from dsv3.parallel.data_parallel import average_gradients
-from dsv3.parallel.ep_transport import Transport, local_world_size, make_transport, resolve_transport
+from dsv3.parallel.ep_transport import (Transport, gpus_reach_each_other, local_world_size, make_transport,
+                                        resolve_transport)
 from dsv3.parallel.expert_parallel import ExpertParallelDispatcher
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.pipeline_plan import PipelinePlan, apply_pipeline
@@ -177,6 +178,9 @@ def apply_parallel_plan(model: nn.Module, cfg: Config, env: Env) -> Plan:
     # FP8 dispatch goes with the FP8 recipe (DeepSeek-V3 §3.3).
     fp8 = cfg.precision.dtype == "fp8"
     kind, why = resolve_transport(p.ep_transport, p.ep, local_world_size())
+    if kind == "direct" and p.ep_transport == "auto" and env.device.type == "cuda" \
+            and not gpus_reach_each_other(mesh.get_group("ep"), env.device):
+        kind, why = "all_to_all", "auto: the GPUs of an EP group cannot access each other's memory (no P2P)"
     transport = make_transport(kind, mesh.get_group("ep"), env.device)  # one per group: its exchanges are numbered
     if env.is_main:
         log.info("expert parallelism: ep=%d, tokens move by %s (%s)", p.ep, kind, why)
