@@ -2,7 +2,8 @@
 the direct transport (rows written into the peers' shared memory) against gloo's all_to_all_single,
 measured in the same run.
 
-    python benchmarks/kernels/ep_transport.py [--ep 2 4 --tokens 256 1024 4096] [--json out.json] [--write-docs]
+    python benchmarks/kernels/ep_transport.py [--ep 2 4 --tokens 256 1024 2048] [--json out.json] [--write-docs]
+                                              [--plot docs/img/ep_transport_cpu.png]
 
 V3-like rows: hidden 7168, top-8 of 256 experts (uniform random routing). Dispatch = the counts exchange
 plus every (token, destination rank) row in FP8 with its 1x128 scales and its local expert ids
@@ -111,19 +112,49 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """GB/s received per rank, direct vs all_to_all, one panel per ep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eps = sorted({m["ep"] for m in rows})
+    fig, axes = plt.subplots(1, len(eps), figsize=(6 * len(eps), 4.4), squeeze=False)
+    for ax, ep in zip(axes[0], eps):
+        mine = [m for m in rows if m["ep"] == ep]
+        labels = [f"{OPS[op]}, {m['tokens']} tokens" for op in OPS for m in mine]
+        x = range(len(labels))
+        for i, (kind, color) in enumerate((("direct", "tab:blue"), ("all_to_all", "tab:gray"))):
+            values = [m[f"{op}_{kind}_GBps"] for op in OPS for m in mine]
+            ax.bar([j + (i - 0.5) * 0.4 for j in x], values, 0.4, label=kind, color=color)
+        ax.set_xticks(list(x), labels, fontsize=7, rotation=35, ha="right")
+        ax.set_ylabel("GB/s received per rank")
+        ax.set_title(f"ep={ep}: direct vs gloo all_to_all_single (CPU, 1 thread per rank)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     from dsv3.parallel.pipeline.testing import run_ranks
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ep", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    p.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 2048])
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--iters", type=int, default=7)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--write-docs", action="store_true", help=f"replace the table between the markers in {DOC}")
+    p.add_argument("--plot", help="also draw the GB/s as a PNG here")
+    p.add_argument("--replot", metavar="JSON", help="only draw --plot from an earlier run's --json")
     args = p.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f)["results"], args.plot)
+        return
     cfg = dict(hidden=args.hidden, topk=args.topk, experts=args.experts, tokens=args.tokens, iters=args.iters)
     rows = []
     for ep in args.ep:
@@ -134,6 +165,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
     if args.write_docs:
         with open(DOC) as f:
             doc = f.read()
