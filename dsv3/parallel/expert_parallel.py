@@ -128,7 +128,9 @@ class _CombineRows(torch.autograd.Function):
         lay = pending.state.layout
         out = kernels.extension().combine(y_back, lay.pair_pos, weights, y.dtype)
         # dw needs the returned rows in backward; a direct transport's are a view of its receive slot.
-        saved = y_back if isinstance(d.transport, AllToAllTransport) else y_back.clone()
+        saved = None
+        if ctx.needs_input_grad[1]:
+            saved = y_back if isinstance(d.transport, AllToAllTransport) else y_back.clone()
         d.transport.release(pending.exchange)
         ctx.save_for_backward(saved, weights)
         ctx.state, ctx.d, ctx.y_dtype = pending.state, d, y.dtype
