@@ -283,7 +283,7 @@ def main(argv=None) -> int:
     if data == "corpus":
         dataset = PackedDataset(shard_directory(DataConfig(), cfg.vocab_size), "train", seq_len)
         sampler = GlobalSampler(len(dataset), 0)
-        batches = [dataset.batch(sampler(i * batch_size, batch_size)) for i in range(n_batches)]
+        batches = [dataset.batch(sampler(i * batch_size, batch_size)).tokens for i in range(n_batches)]
     else:
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=g) for _ in range(n_batches)]

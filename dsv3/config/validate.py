@@ -150,6 +150,55 @@ def _check_kernels_run_here(cfg: Config) -> None:
         raise ConfigError("kernels.grouped_gemm", cfg.kernels.grouped_gemm, str(e)) from None
 
 
+def _shard_meta(key: str, path: Any) -> dict:
+    _require(path is not None and os.path.isfile(os.path.join(str(path), "meta.json")), key, path,
+             "must be a directory written by launch/prepare_data.py (with meta.json)")
+    from dsv3.data.shards import read_meta
+
+    return read_meta(str(path))
+
+
+def validate_data(d: Any, m: Any, p: Any) -> None:
+    _one_of("data.source", d.source, DATA_SOURCES)
+    _require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
+    _require(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
+             f"must be <= model.max_seq_len ({m.max_seq_len}), the length RoPE/YaRN is built for")
+    metas = {}
+    if d.blend:
+        _require(d.source == "shards" and d.path is None, "data.blend", [b.path for b in d.blend],
+                 "replaces data.path: use it with data.source=shards and data.path=null")
+        from dsv3.data.blend import blend_counts
+
+        try:
+            blend_counts([b.weight for b in d.blend])
+        except ValueError as e:
+            raise ConfigError("data.blend", [b.weight for b in d.blend], str(e)) from None
+        for i, b in enumerate(d.blend):
+            metas[f"data.blend[{i}].path"] = _shard_meta(f"data.blend[{i}].path", b.path)
+        digests = {key: meta.get("tokenizer_sha256") for key, meta in metas.items()}
+        first = next(iter(digests))
+        for key, digest in digests.items():
+            _require(digest is not None and digest == digests[first], key, d.blend[list(digests).index(key)].path,
+                     f"must be tokenized like data.blend[0].path ({d.blend[0].path}): the tokenizers differ (or "
+                     "one was prepared by an older version that did not record it)")
+    elif d.source == "shards":
+        metas["data.path"] = _shard_meta("data.path", d.path)
+    if d.tokenizer is not None:
+        _require(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer, "must be an existing tokenizer.json")
+    _require(0 < d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
+    _require(0 <= d.fim_rate <= 1, "data.fim_rate", d.fim_rate, "must be in [0, 1] (V3: 0.1)")
+    if d.fim_rate > 0 or d.document_masks:
+        key = "data.fim_rate" if d.fim_rate > 0 else "data.document_masks"
+        for where, meta in metas.items():
+            _require(meta.get("format", 1) >= 2, key, getattr(d, key.split(".")[1]),
+                     f"needs the document index of shards prepared by this version; {where} has none: prepare it again")
+            _require(d.fim_rate == 0 or meta.get("fim_ids") is not None, "data.fim_rate", d.fim_rate,
+                     f"the tokenizer of {where} has no FIM sentinels: prepare it again (launch/prepare_data.py "
+                     "adds <|fim_begin|>, <|fim_hole|>, <|fim_end|>)")
+    _require(not d.document_masks or p.pp == 1, "data.document_masks", d.document_masks,
+             "is not supported with pipeline parallelism (parallel.pp > 1) yet")
+
+
 def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = None) -> None:
     """Check every cross-field rule; raise ConfigError naming the first offending key. `local_world_size`:
     ranks per node (default: all `world_size` ranks on one node)."""
@@ -163,16 +212,7 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
     _one_of("kernels.grouped_gemm", cfg.kernels.grouped_gemm, GROUPED_GEMM_IMPLS)
     _check_kernels_run_here(cfg)
 
-    _one_of("data.source", d.source, DATA_SOURCES)
-    _require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
-    _require(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
-             f"must be <= model.max_seq_len ({m.max_seq_len}), the length RoPE/YaRN is built for")
-    if d.source == "shards":
-        _require(d.path is not None and os.path.isfile(os.path.join(str(d.path), "meta.json")), "data.path", d.path,
-                 "must be a directory written by launch/prepare_data.py (with meta.json)")
-    if d.tokenizer is not None:
-        _require(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer, "must be an existing tokenizer.json")
-    _require(0 < d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
+    validate_data(d, m, p)
 
     _one_of("optim.moment_dtype", o.moment_dtype, MOMENT_DTYPES)
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
