@@ -89,10 +89,10 @@ class ParallelConfig:
     """With ep > 1, how tokens move between the ranks of an EP group: `direct` (DeepEP-style: kernels
     write each row straight into the receiving rank's memory, POSIX shared memory between CPU processes
     or CUDA IPC between GPUs, with a flag per rank pair; every EP group must lie inside one node),
-    `all_to_all` (the library collective, NCCL or gloo; works across nodes), or `auto`: direct when the
-    ranks per node (torchrun's LOCAL_WORLD_SIZE) are a multiple of ep (and, on GPUs, the group's GPUs
-    can access each other's memory), else all_to_all. Losses and gradients are bit-identical either way
-    (docs/kernels.md)."""
+    `all_to_all` (the library collective, NCCL or gloo; works across nodes), or `auto`: on CPU, direct
+    when the ranks per node (torchrun's LOCAL_WORLD_SIZE) are a multiple of ep, else all_to_all; on GPUs
+    all_to_all until the direct transport has been measured on one. Losses and gradients are
+    bit-identical either way (docs/kernels.md)."""
     pp: int = 1
     """Pipeline-parallel degree (number of pipeline ranks); the world is pp x dp ranks, rank = pp_rank * dp +
     dp_rank. The model's layers are cut into stages (2*pp for dualpipev) of contiguous layers; the first

@@ -178,9 +178,14 @@ def apply_parallel_plan(model: nn.Module, cfg: Config, env: Env) -> Plan:
     # FP8 dispatch goes with the FP8 recipe (DeepSeek-V3 §3.3).
     fp8 = cfg.precision.dtype == "fp8"
     kind, why = resolve_transport(p.ep_transport, p.ep, local_world_size())
-    if kind == "direct" and p.ep_transport == "auto" and env.device.type == "cuda" \
-            and not gpus_reach_each_other(mesh.get_group("ep"), env.device):
-        kind, why = "all_to_all", "auto: the GPUs of an EP group cannot access each other's memory (no P2P)"
+    if kind == "direct" and p.ep_transport == "auto" and env.device.type == "cuda":
+        # Not chosen for the user on GPUs until it has run on one: its CUDA IPC buffers and flag protocol
+        # are compiled and tested on CPU only. `parallel.ep_transport=direct` asks for it explicitly.
+        kind, why = "all_to_all", ("auto: the direct transport is not yet measured on a GPU "
+                                   "(parallel.ep_transport=direct to use it)")
+    if kind == "direct" and env.device.type == "cuda" and not gpus_reach_each_other(mesh.get_group("ep"), env.device):
+        raise ValueError("parallel.ep_transport=direct: the GPUs of an EP group cannot access each other's "
+                         "memory (no peer access); use parallel.ep_transport=all_to_all")
     transport = make_transport(kind, mesh.get_group("ep"), env.device)  # one per group: its exchanges are numbered
     if env.is_main:
         log.info("expert parallelism: ep=%d, tokens move by %s (%s)", p.ep, kind, why)
