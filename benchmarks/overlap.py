@@ -115,7 +115,9 @@ def train_args(run_dir: str, steps: int, overlap: bool, data_path: str, plan: li
             "model.moe_inter_dim=384", "model.n_heads=8", "data=shards", f"data.path={data_path}",
             "data.seq_len=128", f"train.max_steps={steps}", "train.global_batch_size=16",
             "train.micro_batch_size=1", "train.val_samples=2", "train.threads=1", "train.resume=none",
-            "checkpoint.every=0", "checkpoint.keep=1", *plan, f"parallel.overlap={str(overlap).lower()}", *extra]
+            "checkpoint.every=0", "checkpoint.keep=1", *plan, f"parallel.overlap={str(overlap).lower()}",
+            # through the slow link: the direct transport would use the memory the namespaces share
+            "parallel.ep_transport=all_to_all", *extra]
 
 
 def run_once(link: SlowLink, layout: str, overlap: bool, steps: int, data_path: str, extra: list[str],

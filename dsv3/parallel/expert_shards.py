@@ -9,17 +9,21 @@ dim 0 over "ep" and replicated over "edp", so DCP reshards them across any plan.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsv3.config.schema import Config
+from dsv3.config.schema import Config, ParallelConfig
 from dsv3.model.moe import Experts, MoE
+from dsv3.parallel.ep_transport import gpus_reach_each_other, local_world_size, make_transport, resolve_transport
 from dsv3.parallel.expert_parallel import ExpertParallelDispatcher
 from dsv3.parallel.layout import Layout
 from dsv3.parallel.overlap import Communicator
+
+log = logging.getLogger(__name__)
 
 
 class ExpertShards:
@@ -30,18 +34,23 @@ class ExpertShards:
         self.layout, self.names = layout, names
 
     @classmethod
-    def apply(cls, model: nn.Module, cfg: Config, layout: Layout, comm: Communicator) -> "ExpertShards":
+    def apply(cls, model: nn.Module, cfg: Config, layout: Layout, comm: Communicator,
+              device: torch.device) -> "ExpertShards":
         if layout.ep == 1:
             return cls(layout, set())
         ep_group = layout.group("ep")
         fp8 = cfg.precision.dtype == "fp8"  # FP8 dispatch goes with the FP8 recipe (DeepSeek-V3 §3.3)
+        # One transport per EP group (its exchanges are numbered), shared by every MoE layer of the rank's
+        # stages; its waits go through `comm`, so that F&B pairs overlap them.
+        transport = comm.wrap(_make_transport(cfg.parallel, ep_group, device, layout))
         names: set[str] = set()
         for name, module in model.named_modules():
             if isinstance(module, Experts):
                 names |= _keep_slice(module, name, layout.ep_rank, layout.ep)
             elif isinstance(module, MoE):
                 module.dispatcher = ExpertParallelDispatcher(ep_group, cfg.model.n_routed_experts,
-                                                             align=cfg.parallel.expert_align, fp8=fp8, comm=comm)
+                                                             align=cfg.parallel.expert_align, fp8=fp8,
+                                                             transport=transport)
         return cls(layout, names)
 
     @torch.no_grad()
@@ -91,6 +100,22 @@ class ExpertShards:
                 if torch.is_tensor(optim_sd[key]):
                     optim_sd[key] = fn(optim_sd[key], weight)
         return model_sd, optim_sd
+
+
+def _make_transport(p: ParallelConfig, group: dist.ProcessGroup, device: torch.device, layout: Layout):
+    """`parallel.ep_transport` for this EP group (auto: direct when the group lies inside a node)."""
+    kind, why = resolve_transport(p.ep_transport, p.ep, local_world_size())
+    if kind == "direct" and p.ep_transport == "auto" and device.type == "cuda":
+        # Not chosen for the user on GPUs until it has run on one: its CUDA IPC buffers and flag protocol
+        # are compiled and tested on CPU only. `parallel.ep_transport=direct` asks for it explicitly.
+        kind, why = "all_to_all", ("auto: the direct transport is not yet measured on a GPU "
+                                   "(parallel.ep_transport=direct to use it)")
+    if kind == "direct" and device.type == "cuda" and not gpus_reach_each_other(group, device):
+        raise ValueError("parallel.ep_transport=direct: the GPUs of an EP group cannot access each other's "
+                         "memory (no peer access); use parallel.ep_transport=all_to_all")
+    if dist.get_rank() == 0:
+        log.info("expert parallelism: ep=%d, tokens move by %s (%s)", p.ep, kind, why)
+    return make_transport(kind, group, device)
 
 
 @torch.no_grad()

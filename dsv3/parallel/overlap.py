@@ -8,8 +8,8 @@ image in the backward). Here the pieces are not cut out of the model by hand: th
 pair run as two cooperative threads that hold a baton in turn, and the only place where a half gives
 the baton away is an all-to-all: it is issued asynchronously (`async_op=True`), the other half
 computes its next piece, and the all-to-all is waited on when the baton comes back, which is when its
-result is needed. So the model knows nothing of this, the forward and the autograd backward run
-unchanged, and exactly one half computes at any time: every op sees the same inputs in the same
+result is needed. The exchanges are the EP transport's (`ep_transport.py`: issue, then wait), so
+the model knows nothing of this, the forward and the autograd backward run unchanged, and exactly one half computes at any time: every op sees the same inputs in the same
 order as without the overlap, and the losses are bit-identical.
 
 The order in which the all-to-alls are issued is a function of the two chunks only, so every rank of
@@ -66,32 +66,55 @@ class _Pair:
         return "B" if task == "F" else "F"
 
 
-class Pending:
-    """An issued all-to-all of a Communicator."""
+@dataclass
+class _Ticket:
+    """An issued exchange, as the Communicator tracks it."""
 
-    def __init__(self, comm: "Communicator", out: torch.Tensor, work, task: Optional[str], passes: int,
-                 issued: float, nbytes: int):
-        self.comm, self.out, self.work, self.task = comm, out, work, task
-        self.passes, self.issued, self.nbytes = passes, issued, nbytes
+    task: Optional[str]
+    passes: int
+    issued: float
+    nbytes: int
 
-    def result(self) -> torch.Tensor:
-        """The received rows. Inside an overlapped pair, the other half first computes up to its own next
-        all-to-all, unless it has had a turn since this one was issued."""
-        comm, pair = self.comm, self.comm._pair
-        if pair is not None and comm._passes == self.passes:
-            comm._give_baton(pair, self.task)
-        comm._event("wait", self.task)
-        waited = time.perf_counter()
-        self.work.wait()
-        done = time.perf_counter()
-        comm._event("ready", self.task)
-        comm.stats.add(comm._in_pair, done - self.issued, done - waited, self.nbytes)
-        return self.out
+
+class OverlappedTransport:
+    """An EP transport (dsv3/parallel/ep_transport.py) whose waits go through a Communicator: inside an
+    overlapped F&B pair, the other half computes before this half waits. Same interface as the transport
+    it wraps (`kind`, `exchange_counts`, `issue`, `wait`, `release`, `close`)."""
+
+    def __init__(self, inner, comm: "Communicator"):
+        self.inner, self.comm, self.kind = inner, comm, inner.kind
+
+    def exchange_counts(self, counts: torch.Tensor):
+        if self.kind != "all_to_all":   # the direct transport's counts are flags in shared memory
+            return self.inner.exchange_counts(counts)
+        from dsv3.parallel.ep_transport import Splits
+
+        received = counts.new_empty(counts.shape)
+        ticket = self.comm.issued(counts.numel() * counts.element_size())
+        work = dist.all_to_all_single(received, counts.contiguous(), group=self.inner.group, async_op=True)
+        self.comm.finish(ticket, work.wait)
+        send, recv = counts.tolist(), received.tolist()
+        return [Splits(tuple(r[i] for r in send), tuple(r[i] for r in recv)) for i in range(counts.shape[1])]
+
+    def issue(self, rows: list, splits) -> tuple:
+        width = sum(spec.x.shape[1] * spec.x.element_size() for spec in rows)
+        ticket = self.comm.issued(sum(splits.send) * width)
+        return ticket, self.inner.issue(rows, splits)
+
+    def wait(self, pending: tuple) -> list[torch.Tensor]:
+        ticket, inner = pending
+        return self.comm.finish(ticket, lambda: self.inner.wait(inner))
+
+    def release(self, pending: tuple) -> None:
+        self.inner.release(pending[1])
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class Communicator:
-    """All-to-alls of the expert dispatchers of one rank, and the runner of the executor's F&B pairs
-    (pass `run_pair` as the executor's overlap hook).
+    """The expert exchanges of one rank (its dispatchers' transport, `wrap`ped), and the runner of the
+    executor's F&B pairs (pass `run_pair` as the executor's overlap hook).
 
     overlap: interleave the two halves of a pair (False: forward, then backward).
     trace: a list to append (event, task, time) to, or None. Events: "run" (a task gets the baton),
@@ -117,24 +140,31 @@ class Communicator:
         if self.trace is not None:
             self.trace.append((kind, task, time.perf_counter()))
 
-    # -- the collective ----------------------------------------------------------------------------
-    def exchange(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                 group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-        """all_to_all_single of the rows of `x`: in_splits[r] rows go to rank r, out_splits[r] come
-        from it. Inside an overlapped pair, the other half computes until this one's result is needed."""
-        return self.issue(x, out_splits, in_splits, group).result()
+    # -- the exchanges ----------------------------------------------------------------------------
+    def wrap(self, transport) -> OverlappedTransport:
+        """`transport` with its waits going through this Communicator."""
+        return OverlappedTransport(transport, self)
 
-    def issue(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-              group: Optional[dist.ProcessGroup]) -> "Pending":
-        """Start the exchange; `.result()` waits for it. Several issued before the first `result()`
-        share one turn of the other half (e.g. dispatch's rows and their routing)."""
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        x = x.contiguous()
+    def issued(self, nbytes: int) -> _Ticket:
+        """Record an exchange being issued by the half that holds the baton (None outside a pair)."""
         task = self._pair.turn if self._pair is not None else None
-        issued = time.perf_counter()
-        work = dist.all_to_all_single(out, x, out_splits, in_splits, group=group, async_op=True)
         self._event("issue", task)
-        return Pending(self, out, work, task, self._passes, issued, x.numel() * x.element_size())
+        return _Ticket(task, self._passes, time.perf_counter(), nbytes)
+
+    def finish(self, ticket: _Ticket, wait: Callable[[], object]):
+        """`wait()` for an issued exchange. Inside an overlapped pair, the other half first computes up
+        to its own next exchange, unless it has had a turn since this one was issued (several exchanges
+        issued before their waits share one turn)."""
+        pair = self._pair
+        if pair is not None and self._passes == ticket.passes:
+            self._give_baton(pair, ticket.task)
+        self._event("wait", ticket.task)
+        waited = time.perf_counter()
+        result = wait()
+        done = time.perf_counter()
+        self._event("ready", ticket.task)
+        self.stats.add(self._in_pair, done - ticket.issued, done - waited, ticket.nbytes)
+        return result
 
     # -- the pair ----------------------------------------------------------------------------------
     def _give_baton(self, pair: _Pair, task: str) -> None:

@@ -190,7 +190,7 @@ def build_plan(model: Transformer, cfg: Config, env: Env) -> Plan:
     whole = WholeModel(model)
     holders_of: Callable[[str], tuple[int, ...]] = lambda name: (0,)  # noqa: E731
     comm = Communicator(overlap=overlap_enabled(cfg))
-    experts = ExpertShards.apply(model, cfg, layout, comm)   # before the cut: inside every stage
+    experts = ExpertShards.apply(model, cfg, layout, comm, env.device)   # before the cut: inside every stage
     if layout.pp > 1:
         runner, stage_layout = build_pipeline(model, cfg, layout, comm)
         holders_of = stage_layout.holders
