@@ -132,7 +132,7 @@ class Generator:
         self._params, self._stop = params, self._stop_ids(params)
         ctx = self.model.cfg.max_seq_len
         self._limit = [min(params.max_new_tokens, ctx - len(c.prompt_tokens)) for c in self._out]
-        self._stats = {"forward_calls": 0, "drafts": 0, "accepted": 0}
+        self._stats = {"forward_calls": 0, "row_steps": 0, "drafts": 0, "accepted": 0}
         self.model.eval()
         start = time.perf_counter()
         if params.speculative == "mtp":
@@ -210,6 +210,7 @@ class Generator:
                 rows = [rows[i] for i in keep]
             _, logits, _, _ = self.decoder.forward(state, token[:, None])
             self._stats["forward_calls"] += 1
+            self._stats["row_steps"] += len(rows)
             last = logits[:, -1]
 
     # -- speculative decoding with the MTP draft --------------------------------------------------------
@@ -243,6 +244,7 @@ class Generator:
                 rows = [rows[i] for i in keep]
             h, logits, start, positions = self.decoder.forward(state, torch.stack([token, draft], dim=1))
             self._stats["forward_calls"] += 1
+            self._stats["row_steps"] += len(rows)
             self._stats["drafts"] += len(rows)
             first, accepted = self._verify(logits[:, 0], draft, q, rng)
             second, _ = choose(logits[:, 1], p, rng)  # the token after an accepted draft
