@@ -41,7 +41,8 @@ class Completion:
     finish_reason: str = "length"
     """`stop` (stop token or stop string), `length` (max_new_tokens or the end of the context)."""
     text: str | None = None
-    """Decoded completion, cut after the first stop string (None without a tokenizer)."""
+    """Decoded completion, special tokens included, without a final stop token, cut after the first stop
+    string (None without a tokenizer)."""
 
 
 @dataclass
@@ -185,7 +186,8 @@ class Generator:
         return any(s in tail for s in self._params.stop_strings)
 
     def _text(self, c: Completion) -> str:
-        text = self.tokenizer.decode(c.tokens, skip_special_tokens=False)
+        ids = c.tokens[:-1] if c.tokens and c.tokens[-1] in self._stop else c.tokens  # the stop token is no text
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
         ends = [text.find(s) + len(s) for s in self._params.stop_strings if s in text]
         return text[:min(ends)] if ends else text
 
