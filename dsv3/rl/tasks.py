@@ -115,8 +115,7 @@ def countdown(rng: random.Random, difficulty: int) -> Problem:
             break
     expr = expr[1:-1] if expr.startswith("(") else expr
     numbers = sorted(pool)
-    question = (f"Using the numbers {numbers}, create an equation that equals {int(value)}. Use + - * / and "
-                f"parentheses, each number exactly once.")
+    question = f"Make {int(value)} from the numbers {numbers} with + - * / and parentheses, each number used once."
     return Problem("countdown", difficulty, question, expr, "; ".join(steps) + f". So {expr} = {int(value)}.",
                    {"numbers": numbers, "target": int(value)})
 

@@ -21,6 +21,7 @@ from dsv3.config.schema import Config
 from dsv3.data import GlobalSampler, PackedDataset, shard_directory
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
+from dsv3.model.transformer import IGNORE
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import apply_parallel_plan
 from dsv3.train import schedules
@@ -64,9 +65,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
 
-        shards = shard_directory(cfg.data, cfg.model.vocab_size)
-        self.train_data = PackedDataset(shards, "train", cfg.data.seq_len)
-        self.val_data = PackedDataset(shards, "val", cfg.data.seq_len)
+        self.train_data, self.val_data = self.build_data()
         self.sampler = GlobalSampler(len(self.train_data), t.seed)
 
         self.model = build_model(cfg, env.device)
@@ -96,6 +95,22 @@ class Trainer:
                      len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype,
                      env.world_size)
 
+    # -- data (what a fine-tuning trainer replaces) -----------------------------------------------------
+    def build_data(self):
+        """(train, val) datasets with `len()` and `batch(indices)`; here packed pretraining samples."""
+        shards = shard_directory(self.cfg.data, self.cfg.model.vocab_size)
+        return (PackedDataset(shards, "train", self.cfg.data.seq_len),
+                PackedDataset(shards, "val", self.cfg.data.seq_len))
+
+    def _val_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.val_data.batch(indices).to(self.env.device)
+        return batch[:, :-1], batch[:, 1:]
+
+    def loss_normalizer(self, batch_size: int, n_micro: int) -> float | None:
+        """Divisor of each micro-batch's summed CE (None: its mean). Pretraining counts every label, and
+        every micro-batch has as many, so the mean per micro-batch is already the global batch's mean."""
+        return None
+
     # -- state -------------------------------------------------------------------------------------------
     def _resume_path(self) -> str | None:
         resume = self.cfg.train.resume
@@ -121,6 +136,7 @@ class Trainer:
         for moe in self.moe_layers:  # alpha, scaled like the micro-batch's share of the loss
             moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
         self.model.train()
+        self.model.loss_normalizer = self.loss_normalizer(batch_size, n_micro)
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
         def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,16 +190,18 @@ class Trainer:
         if self.plan.ep > 1:  # every forward exchanges tokens: all ranks run as many as the busiest one
             busiest = -(-n // self.dp)
             chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
+        self.model.loss_normalizer = None  # per-chunk means, weighted by the labels that count
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
-            batch = self.val_data.batch(chunk or [0]).to(self.env.device)  # [0]: a filler, not counted
+            tokens, labels = self._val_batch(chunk or [0])  # [0]: a filler, not counted
             if self.plan.pipeline is not None:  # the loss is known on the last stage's rank only
-                loss = self.plan.pipeline.runner.forward_loss(batch[:, :-1], batch[:, 1:], self.autocast)
+                loss = self.plan.pipeline.runner.forward_loss(tokens, labels, self.autocast)
             else:
                 with self.autocast:
-                    loss = self.model.main_loss(self.model.hidden(batch[:, :-1]), batch[:, 1:])
-            if chunk and loss is not None:
-                total += torch.stack([loss.float() * batch.shape[0], loss.new_tensor(float(batch.shape[0]))])
+                    loss = self.model.main_loss(self.model.hidden(tokens), labels)
+            counted = float((labels != IGNORE).sum())
+            if chunk and loss is not None and counted > 0:
+                total += torch.stack([loss.float() * counted, loss.new_tensor(counted)])
         all_reduce_sum(total)
         return (total[0] / total[1]).item()
 

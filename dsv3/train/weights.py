@@ -56,3 +56,48 @@ def load_initial_weights(path: str, model: torch.nn.Module, cfg: ModelConfig) ->
     smaller = Transformer(dataclasses.replace(cfg, vocab_size=theirs.vocab_size))
     load_checkpoint(path, smaller, optimizer=None)
     model.load_state_dict(grow_state_dict(smaller.state_dict(), cfg.vocab_size))
+
+
+def checkpoint_step(path: str) -> str:
+    """A dsv3 step directory or HF directory as given, or the latest step of a checkpoint directory."""
+    from dsv3.train.checkpoint import latest_checkpoint
+
+    if is_hf_directory(path) or os.path.isfile(os.path.join(path, "config.yaml")):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a dsv3 checkpoint (no config.yaml), a directory of them, "
+                                "nor a Hugging Face DeepseekV3 directory (no config.json)")
+    return latest
+
+
+def model_config_of(path: str) -> ModelConfig:
+    """The architecture stored with a dsv3 checkpoint or an HF directory."""
+    import json
+
+    if is_hf_directory(path):
+        with open(os.path.join(path, "config.json")) as f:
+            return model_config_from_hf(json.load(f))
+    with open(os.path.join(path, "config.yaml")) as f:
+        return ModelConfig(**yaml.safe_load(f)["model"])
+
+
+def tokenizer_path_of(path: str) -> str:
+    """The tokenizer.json a checkpoint was trained with: one next to it (in the step directory or the
+    checkpoint directory above it, where fine-tuning runs write theirs), else the tokenizer of the data
+    its run was configured with (the embedded corpus' cache or a prepared shard directory)."""
+    for candidate in (os.path.join(path, "tokenizer.json"), os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer.json")):
+        if os.path.isfile(candidate):
+            return candidate
+    config = os.path.join(path, "config.yaml")
+    if os.path.isfile(config):
+        from dsv3.config.schema import DataConfig
+        from dsv3.data import shard_directory
+
+        with open(config) as f:
+            saved = yaml.safe_load(f)
+        data = DataConfig(**saved.get("data", {}))
+        candidate = os.path.join(shard_directory(data, saved["model"]["vocab_size"]), "tokenizer.json")
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"no tokenizer.json found for {path}; pass one explicitly")
