@@ -114,3 +114,30 @@ def test_weighted_sum_from_config():
 def test_bad_reward_config_is_named(terms, match):
     with pytest.raises(ValueError, match=match):
         WeightedReward(terms)
+
+
+def test_pass_at_k_estimator():
+    from dsv3.rl.evaluate import pass_at_k
+
+    assert pass_at_k(8, 0, 1) == 0.0 and pass_at_k(8, 8, 4) == 1.0
+    assert pass_at_k(8, 2, 1) == pytest.approx(2 / 8)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)  # C(3,2)/C(4,2) pairs miss the correct one
+
+
+def test_evaluate_scores_each_sample_by_its_answer_field():
+    from dsv3.generate import Completion, GenerationResult, SamplingParams
+    from dsv3.rl.evaluate import evaluate
+
+    replies = {0: ["<think>a</think><answer>120</answer>", "<answer>121</answer>"],
+               1: ["<think>b</think><answer>x = -3.5</answer>", "<think>c</think><answer>-7/2</answer>"]}
+
+    class Scripted:  # a generator that answers from a script, so the test checks the scoring alone
+        def generate(self, prompts, params, prompt_ids):
+            out = [Completion(i, g, [], text=replies[pid][g], tokens=[1] * (g + 2), finish_reason="stop")
+                   for i, pid in enumerate(prompt_ids) for g in range(params.num_samples)]
+            return GenerationResult(out, {"completion_tokens": 0, "seconds": 1.0})
+
+    res = evaluate(Scripted(), [ARITH, EQ], SamplingParams(num_samples=2), ks=(1, 2))
+    assert res["pass@1"] == pytest.approx((0.5 + 1.0) / 2) and res["pass@2"] == 1.0
+    assert res["format"] == pytest.approx(3 / 4) and res["mean_length"] == 2.5
+    assert res["pass@1/arithmetic"] == 0.5 and res["pass@1/linear_equation"] == 1.0
