@@ -74,6 +74,9 @@ setup(
         "tokenizers>=0.19",
         "safetensors>=0.4",
         "tensorboard>=2.14",
+        # rewards of mathematical answers (dsv3/rl/rewards.py); the extra pins the ANTLR runtime that
+        # hydra-core's grammar also needs (4.9.3)
+        "math-verify[antlr4_9_3]>=0.7,<1",
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.57", "triton>=3.2", "matplotlib>=3.7"],
