@@ -113,9 +113,16 @@ def test_sft_run_loss_is_the_masked_ce_of_its_batch_and_plan_independent(base_ch
     assert ra.returncode == 0, ra.stderr[-3000:]
     rb = run_sft(b, f"checkpoint.init_from={base_checkpoint}", "train.max_steps=3", "train.micro_batch_size=2")
     assert rb.returncode == 0, rb.stderr[-3000:]
-    ma, mb = read_metrics(str(a)), read_metrics(str(b))
-    for x, y in zip(ma, mb):  # 2 or 4 micro-batches: the same mean over the batch's completion tokens
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["mtp_loss"] == pytest.approx(y["mtp_loss"], rel=1e-5)
+    c = tmp_path / "ep2"  # two ranks, experts split over them (and 2-way data parallel)
+    rc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", SFT,
+                         f"hydra.run.dir={c}", "train.threads=1", "+experiment=sft_tiny", "parallel=ep2",
+                         f"checkpoint.init_from={base_checkpoint}", "train.max_steps=3"], capture_output=True,
+                        text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert rc.returncode == 0, rc.stderr[-3000:]
+    ma, mb, mc = read_metrics(str(a)), read_metrics(str(b)), read_metrics(str(c))
+    for x, y, z in zip(ma, mb, mc):  # the same mean over the batch's completion tokens, whatever the split
+        for k in ("loss", "mtp_loss"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5) and x[k] == pytest.approx(z[k], rel=1e-5)
 
     # Step 1's loss, recomputed by hand: the base weights with the grown vocabulary, the first global
     # batch the sampler draws, -log p of each completion token.
