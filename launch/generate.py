@@ -11,6 +11,7 @@ prompts are split over the ranks (data parallel) and the output is the single pr
 sample. Invalid values exit with code 2 and one line naming them.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -36,7 +37,7 @@ def parse_args(argv):
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--attention", choices=["auto", "absorbed", "naive"], default="auto")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as in training")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     p.add_argument("--json", action="store_true", help="one JSON object per completion (tokens, logprobs, ...)")
     return p.parse_args(argv)
@@ -108,10 +109,14 @@ def main(argv=None) -> int:
     from dsv3.parallel.mesh import init_env
 
     env = init_env(args.device)
-    model = model.to(env.device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    model = model.to(env.device)
     generator = Generator(model, tokenizer, attention=args.attention)
+    # bf16 as in training: autocast over fp32 weights (norms, router, RoPE tables and sampling stay fp32)
+    precision = (torch.autocast(env.device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+                 else contextlib.nullcontext())
     try:
-        result = generate_data_parallel(generator, prompts, params)
+        with precision:
+            result = generate_data_parallel(generator, prompts, params)
     except ValueError as e:  # prompts too long, no MTP module, ...
         fail(str(e))
     if env.rank == 0:

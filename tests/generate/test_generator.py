@@ -126,9 +126,11 @@ def test_default_stop_is_the_tokenizers_eos(tokenizer):
     assert c.tokens == [eos] and c.finish_reason == "stop"
 
 
-def test_completions_end_at_the_context():
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_completions_end_at_the_context(speculative):
     model = tiny_model("q_compression", max_seq_len=16)
-    out = Generator(model).generate([[1] * 12, [2] * 3], SamplingParams(max_new_tokens=50, temperature=0))
+    out = Generator(model).generate([[1] * 12, [2] * 3], SamplingParams(max_new_tokens=50, temperature=0,
+                                                                        speculative=speculative))
     assert [len(c.tokens) for c in out.completions] == [4, 13]
     assert all(c.finish_reason == "length" for c in out.completions)
 
