@@ -105,9 +105,25 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, impl
     raise ValueError(f"grouped_linear: unknown implementation {impl!r} (resolved ones: triton, torch, reference)")
 
 
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the autocast dtype when autocast is on for their device, else unchanged.
+
+    Autocast intercepts aten ops only; the experts' custom autograd Functions (and the Triton kernels
+    behind them) are out of its reach, so a bf16 run would otherwise hand them the fp32 residual
+    stream and fp32 master weights: IEEE fp32 dot products, no tensor cores. The casts are autograd
+    ops, so gradients still reach the fp32 masters in fp32."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def expert_swiglu_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
                       impl: str = "torch") -> torch.Tensor:
-    """All routed experts on the expert-major rows `x`: down(silu(gate(x)) * up(x))."""
+    """All routed experts on the expert-major rows `x`: down(silu(gate(x)) * up(x)), in the autocast
+    dtype when autocast is on (see `autocast_operands`)."""
+    x, w13, w2 = autocast_operands(x, w13, w2)
     if impl == "reference":
         return reference.expert_swiglu_mlp(x, w13, w2, offsets)
     if impl == "triton":
