@@ -263,6 +263,8 @@ class Generator:
                     took_two[i] = False
                 if not done:
                     keep.append(i)
+            if not keep:
+                return
             # The MTP module over the two slots just fed: (h at t, the token after t) and, where the draft
             # was accepted, (h at the draft, the token after it); it drafts from the last kept slot.
             mtp_logits = self.decoder.mtp_forward(state, start, positions, h, torch.stack([first, second], dim=1))
