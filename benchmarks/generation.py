@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--out", default="docs/generation.json")
+    p.add_argument("--plot", default="docs/img/generation_throughput.png", help="'' = no picture")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -140,6 +141,37 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {args.out}")
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results: dict, path: str) -> None:
+    """Tokens/s per contender, one group of bars per G (sampling) and one for greedy decoding."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    groups = sorted({(r["contender"].startswith("greedy"), r["G"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, (greedy, G) in zip(axes[0], groups):
+        sel = [r for r in rows if r["G"] == G and r["contender"].startswith("greedy") == greedy]
+        names = [r["contender"].replace("greedy, ", "").replace(" (its KV cache)", "") for r in sel]
+        bars = ax.barh(range(len(sel)), [r["tokens_per_s"] for r in sel], color="tab:blue")
+        for b, r in zip(bars, sel):
+            label = f"{r['tokens_per_s']:.0f}" + (f"  (accept {r['acceptance_rate']:.0%})" if "acceptance_rate" in r else "")
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, " " + label, va="center", fontsize=8)
+        ax.set_yticks(range(len(sel)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("generated tokens/s")
+        ax.set_title(f"greedy, {G} prompts" if greedy else f"sampling T={results['temperature']}, G={G}", fontsize=9)
+        ax.set_xlim(0, max(r["tokens_per_s"] for r in sel) * 1.75)
+    parts = results["checkpoint"].rstrip("/").split("/")
+    fig.suptitle(f"{'/'.join(parts[-3:])}, {results['new_tokens']} new tokens, "
+                 f"{results['threads']} CPU threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
