@@ -46,7 +46,7 @@ def dispatch_extension():
     # The rpath lets `import dsv3._dispatch_ext` find libc10/libtorch (and torch's libgomp, so both
     # share one OpenMP runtime and torch.set_num_threads governs the kernels) before torch is imported.
     link = ["-fopenmp", f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"]
-    sources = ["csrc/dispatch_binding.cpp", "csrc/launch_host.cpp"]
+    sources = ["csrc/dispatch_binding.cpp", "csrc/transport_binding.cpp", "csrc/launch_host.cpp"]
     if with_cuda:
         return CUDAExtension(
             "dsv3._dispatch_ext",
@@ -79,7 +79,13 @@ setup(
         "math-verify[antlr4_9_3]>=0.7,<1",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.57", "triton>=3.2", "matplotlib>=3.7"],
+        # reading .parquet and saved `datasets` directories (pyarrow), .zst files (zstandard) in prepare_data
+        "data": ["pyarrow>=14", "zstandard>=0.22"],
+        # triton: the kernels are tested compiled with 3.6 (on an H200) and interpreted with 3.6 and 3.9;
+        # 3.6's interpreter needs numpy < 2.4 (see docs/gpu.md).
+        # datasets: the tests write real `save_to_disk` directories for prepare_data to read
+        "test": ["pytest>=8", "transformers>=4.57", "triton>=3.6", "matplotlib>=3.7", "pyarrow>=14",
+                 "zstandard>=0.22", "datasets>=2.14"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
     },
     ext_modules=[dispatch_extension()],

@@ -193,14 +193,33 @@ def measure_interleaved(contenders: dict, batches: list) -> tuple[dict, dict, di
             t = _timed(lambda: losses[name].append(step(batch).item()))
             if i >= 2:
                 times[name].append(t)
-    return times, losses, {}
+    return times, losses, {}, {}
 
 
-def measure_sequential(contenders: dict, batches: list, device: torch.device) -> tuple[dict, dict, dict]:
+def profile_step(step, batch, device: torch.device, top: int = 12) -> list[dict]:
+    """Where one step's device time goes: the `top` kernels by total time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step(batch)
+        _sync(device)
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    if device.type == "cuda":  # kernels only: operator rows would count their kernels' time again
+        events = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
+        key = "self_device_time_total"
+    events.sort(key=lambda e: -getattr(e, key))
+    total = sum(getattr(e, key) for e in events)
+    return [{"name": e.key[:90], "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+            for e in events[:top]]
+
+
+def measure_sequential(contenders: dict, batches: list, device: torch.device,
+                       profile: bool = False) -> tuple[dict, dict, dict, dict]:
     """One contender at a time: build, 2 warm-up steps (Triton compiles there), measured steps, free.
-    On a GPU also the contender's peak allocated memory."""
+    On a GPU also the contender's peak allocated memory; with `profile`, its top kernels."""
     cuda = device.type == "cuda"
-    times, losses, peak = {}, {}, {}
+    times, losses, peak, profiles = {}, {}, {}, {}
     for name, (build, _) in contenders.items():
         step = build()
         _sync(device)
@@ -217,12 +236,14 @@ def measure_sequential(contenders: dict, batches: list, device: torch.device) ->
         losses[name] = [x.item() for x in out]
         if cuda:
             peak[name] = torch.cuda.max_memory_allocated() / 2 ** 30
+        if profile:
+            profiles[name] = profile_step(step, batches[-1], device)
         print(f"  {name}: {statistics.median(times[name]) * 1e3:.1f} ms/step, "
               + (f"peak {peak[name]:.2f} GiB, " if cuda else "") + f"first loss {losses[name][0]:.4f}", flush=True)
         del step
         if cuda:
             torch.cuda.empty_cache()
-    return times, losses, peak
+    return times, losses, peak, profiles
 
 
 def main(argv=None) -> int:
@@ -243,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="auto", choices=["auto", "interleaved", "sequential"],
                    help="interleaved: contenders alternate step by step (CPU default, fair under load); "
                         "sequential: one contender at a time, freed before the next (GPU default, own peak memory)")
+    p.add_argument("--profile", action="store_true", help="also record each contender's top kernels in one step")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="datasheet dense peak of this device in the run's dtype, for a second MFU column")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput.json"))
@@ -261,7 +283,7 @@ def main(argv=None) -> int:
     if data == "corpus":
         dataset = PackedDataset(shard_directory(DataConfig(), cfg.vocab_size), "train", seq_len)
         sampler = GlobalSampler(len(dataset), 0)
-        batches = [dataset.batch(sampler(i * batch_size, batch_size)) for i in range(n_batches)]
+        batches = [dataset.batch(sampler(i * batch_size, batch_size)).tokens for i in range(n_batches)]
     else:
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=g) for _ in range(n_batches)]
@@ -269,10 +291,12 @@ def main(argv=None) -> int:
 
     contenders = make_contenders(cfg, device, args.precision, with_hf=not args.no_hf)
     mode = args.mode if args.mode != "auto" else ("sequential" if device.type == "cuda" else "interleaved")
+    if args.profile and mode != "sequential":
+        p.error("--profile needs --mode sequential (the default on a GPU)")
     if mode == "sequential":
-        times, losses, peak_mem = measure_sequential(contenders, batches, device)
+        times, losses, peak_mem, profiles = measure_sequential(contenders, batches, device, args.profile)
     else:
-        times, losses, peak_mem = measure_interleaved(contenders, batches)
+        times, losses, peak_mem, profiles = measure_interleaved(contenders, batches)
     if device.type == "cuda":
         peak, peak_kind = gpu_matmul_tflops(), "bf16 8192^3 GEMM"
     else:
@@ -300,6 +324,8 @@ def main(argv=None) -> int:
               "cpus": os.cpu_count(), "rows": rows}
     if args.peak_tflops:
         result["datasheet_tflops"] = args.peak_tflops
+    if profiles:
+        result["profiles"] = profiles
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -46,10 +46,10 @@ def environment(d) -> list[str]:
     return [f"- {k}: {_fmt(v)}" for k, v in env.items()]
 
 
-def tests(d) -> list[str]:
-    path = os.path.join(d, "tests.xml")
+def tests(d, name: str = "tests") -> list[str]:
+    path = os.path.join(d, f"{name}.xml")
     if not os.path.exists(path):
-        return ["tests.xml missing (the test step did not finish)"]
+        return [f"{name}.xml missing (the step did not run or did not finish)"]
     cases = list(ElementTree.parse(path).getroot().iter("testcase"))
     lines, counts = [], {"passed": 0, "failed": 0, "skipped": 0}
     for c in cases:
@@ -101,7 +101,10 @@ def training(d, name: str) -> list[str]:
     head = (f"{res['experiment']} on {res['machine']}: batch {res['batch']} x {res['seq_len']} tokens "
             f"({res['data']} tokens), {res['matmul_kind']} {res['matmul_tflops']:.4g} TFLOP/s measured")
     cols = ["contender", "step_s", "tokens_per_s", "speedup_vs_hf", "mfu", "mfu_datasheet", "peak_mem_gib", "first_loss"]
-    return [head, ""] + _table(res["rows"], [c for c in cols if any(c in r for r in res["rows"])])
+    out = [head, ""] + _table(res["rows"], [c for c in cols if any(c in r for r in res["rows"])])
+    for contender, top in res.get("profiles", {}).items():
+        out += ["", f"Top kernels of one step, {contender}:", ""] + _table(top, ["name", "ms", "share", "calls"])
+    return out
 
 
 def main() -> int:
@@ -110,6 +113,7 @@ def main() -> int:
     out = [f"# GPU check: {env.get('gpu', 'unknown device')}", "", "## Steps", ""] + steps(d)
     out += ["", "## Environment", ""] + environment(d)
     out += ["", "## Correctness on the GPU (tests/gpu)", ""] + tests(d)
+    out += ["", "## csrc/ CPU tests with the CUDA build of the extension", ""] + tests(d, "csrc_host_tests")
     out += ["", "## Kernels", ""]
     out += kernel_bench(d, "gemm_v3", "Grouped GEMMs bf16, DeepSeek-V3 expert shape") + ratios(d, "gemm_v3", "dense same FLOPs")
     out += [""] + kernel_bench(d, "gemm_rtx", "Grouped GEMMs bf16, consumer-card (moe_rtx) shape") \

@@ -87,6 +87,14 @@ class ParallelConfig:
     expert_align: int = 1
     """With ep > 1: each local expert's received rows are padded to a multiple of this for the grouped
     GEMM (DeepGEMM's contiguous layout: 128); 1 = no padding (CPU)."""
+    ep_transport: str = "auto"
+    """With ep > 1, how tokens move between the ranks of an EP group: `direct` (DeepEP-style: kernels
+    write each row straight into the receiving rank's memory, POSIX shared memory between CPU processes
+    or CUDA IPC between GPUs, with a flag per rank pair; every EP group must lie inside one node),
+    `all_to_all` (the library collective, NCCL or gloo; works across nodes), or `auto`: on CPU, direct
+    when the ranks per node (torchrun's LOCAL_WORLD_SIZE) are a multiple of ep, else all_to_all; on GPUs
+    all_to_all until the direct transport has been measured on one. Losses and gradients are
+    bit-identical either way (docs/kernels.md)."""
     pp: int = 1
     """Pipeline-parallel degree (number of pipeline ranks); the world is pp x dp ranks, rank = pp_rank * dp +
     dp_rank. The model's layers are cut into stages (2*pp for dualpipev) of contiguous layers; the first
@@ -165,6 +173,18 @@ class OptimConfig:
 
 
 @dataclass
+class BlendEntry:
+    """One corpus of a `data.blend`."""
+
+    path: Optional[str] = None
+    """Directory of shards written by `launch/prepare_data.py` (required)."""
+    weight: float = 1.0
+    """Relative share of the training samples (the weights are normalized by their sum)."""
+    name: Optional[str] = None
+    """Names the corpus in logs and metrics; default: the directory's name."""
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from and how they are cut into training sequences."""
 
@@ -182,6 +202,16 @@ class DataConfig:
     """Share of the embedded corpus' documents held out for validation (chosen by path hash)."""
     cache_dir: Optional[str] = None
     """Where the embedded corpus' tokenizer and token shards are cached; default ~/.cache/dsv3."""
+    blend: list[BlendEntry] = field(default_factory=list)
+    """`source=shards` from several directories mixed by weight, instead of `path`:
+    `data.blend=[{path: data/web, weight: 0.7}, {path: data/code, weight: 0.3}]`. Deterministic by
+    global sample index (plan-independent, exactly resumable); every corpus' epochs and the realized
+    mixture are in the metrics (`data/epoch/<name>`, `data/share/<name>`)."""
+    fim_rate: float = 0.0
+    """Share of training documents rearranged for Fill-in-Middle, PSM order (V3 §4.1: 0.1); 0 = off."""
+    document_masks: bool = False
+    """Attention stays inside each packed document (tokens never attend across a document boundary);
+    default off: causal attention over the whole sequence, as in the V3 report. The loss is the same."""
 
 
 @dataclass

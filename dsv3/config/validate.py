@@ -72,9 +72,16 @@ def validate_model(m: Any) -> None:
                  f"YaRN supports at most model.original_seq_len * model.rope_factor = {limit} positions")
 
 
-def validate_expert_parallel(m: Any, p: Any, dp: int) -> None:
+def validate_expert_parallel(m: Any, p: Any, dp: int, local_world_size: int) -> None:
     """EP splits every MoE layer's experts into `ep` contiguous slices over consecutive dp ranks."""
+    from dsv3.parallel.ep_transport import TRANSPORTS
+
     _require(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    _one_of("parallel.ep_transport", p.ep_transport, TRANSPORTS)
+    # torchrun numbers ranks node by node, and an EP group is ep consecutive ranks from a multiple of ep.
+    _require(p.ep == 1 or p.ep_transport != "direct" or local_world_size % p.ep == 0, "parallel.ep_transport",
+             p.ep_transport, f"direct needs every EP group ({p.ep} consecutive ranks) inside one node, but a node "
+             f"runs {local_world_size} ranks (LOCAL_WORLD_SIZE); use all_to_all or auto across nodes")
     _require(m.n_routed_experts % p.ep == 0, "parallel.ep", p.ep,
              f"must divide model.n_routed_experts ({m.n_routed_experts}): each rank holds an equal slice")
     _require(dp % p.ep == 0, "parallel.ep", p.ep,
@@ -144,8 +151,58 @@ def _check_kernels_run_here(cfg: Config) -> None:
         raise ConfigError("kernels.grouped_gemm", cfg.kernels.grouped_gemm, str(e)) from None
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Check every cross-field rule; raise ConfigError naming the first offending key."""
+def _shard_meta(key: str, path: Any) -> dict:
+    _require(path is not None and os.path.isfile(os.path.join(str(path), "meta.json")), key, path,
+             "must be a directory written by launch/prepare_data.py (with meta.json)")
+    from dsv3.data.shards import read_meta
+
+    return read_meta(str(path))
+
+
+def validate_data(d: Any, m: Any, p: Any) -> None:
+    _one_of("data.source", d.source, DATA_SOURCES)
+    _require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
+    _require(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
+             f"must be <= model.max_seq_len ({m.max_seq_len}), the length RoPE/YaRN is built for")
+    metas = {}
+    if d.blend:
+        _require(d.source == "shards" and d.path is None, "data.blend", [b.path for b in d.blend],
+                 "replaces data.path: use it with data.source=shards and data.path=null")
+        from dsv3.data.blend import blend_counts
+
+        try:
+            blend_counts([b.weight for b in d.blend])
+        except ValueError as e:
+            raise ConfigError("data.blend", [b.weight for b in d.blend], str(e)) from None
+        for i, b in enumerate(d.blend):
+            metas[f"data.blend[{i}].path"] = _shard_meta(f"data.blend[{i}].path", b.path)
+        digests = {key: meta.get("tokenizer_sha256") for key, meta in metas.items()}
+        first = next(iter(digests))
+        for key, digest in digests.items():
+            _require(digest is not None and digest == digests[first], key, d.blend[list(digests).index(key)].path,
+                     f"must be tokenized like data.blend[0].path ({d.blend[0].path}): the tokenizers differ (or "
+                     "one was prepared by an older version that did not record it)")
+    elif d.source == "shards":
+        metas["data.path"] = _shard_meta("data.path", d.path)
+    if d.tokenizer is not None:
+        _require(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer, "must be an existing tokenizer.json")
+    _require(0 < d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
+    _require(0 <= d.fim_rate <= 1, "data.fim_rate", d.fim_rate, "must be in [0, 1] (V3: 0.1)")
+    if d.fim_rate > 0 or d.document_masks:
+        key = "data.fim_rate" if d.fim_rate > 0 else "data.document_masks"
+        for where, meta in metas.items():
+            _require(meta.get("format", 1) >= 2, key, getattr(d, key.split(".")[1]),
+                     f"needs the document index of shards prepared by this version; {where} has none: prepare it again")
+            _require(d.fim_rate == 0 or meta.get("fim_ids") is not None, "data.fim_rate", d.fim_rate,
+                     f"the tokenizer of {where} has no FIM sentinels: prepare it again (launch/prepare_data.py "
+                     "adds <|fim_begin|>, <|fim_hole|>, <|fim_end|>)")
+    _require(not d.document_masks or p.pp == 1, "data.document_masks", d.document_masks,
+             "is not supported with pipeline parallelism (parallel.pp > 1) yet")
+
+
+def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = None) -> None:
+    """Check every cross-field rule; raise ConfigError naming the first offending key. `local_world_size`:
+    ranks per node (default: all `world_size` ranks on one node)."""
     m, d, t, o, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.parallel
     validate_model(m)
 
@@ -156,16 +213,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _one_of("kernels.grouped_gemm", cfg.kernels.grouped_gemm, GROUPED_GEMM_IMPLS)
     _check_kernels_run_here(cfg)
 
-    _one_of("data.source", d.source, DATA_SOURCES)
-    _require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")
-    _require(d.seq_len <= m.max_seq_len, "data.seq_len", d.seq_len,
-             f"must be <= model.max_seq_len ({m.max_seq_len}), the length RoPE/YaRN is built for")
-    if d.source == "shards":
-        _require(d.path is not None and os.path.isfile(os.path.join(str(d.path), "meta.json")), "data.path", d.path,
-                 "must be a directory written by launch/prepare_data.py (with meta.json)")
-    if d.tokenizer is not None:
-        _require(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer, "must be an existing tokenizer.json")
-    _require(0 < d.val_fraction < 0.5, "data.val_fraction", d.val_fraction, "must be in (0, 0.5)")
+    validate_data(d, m, p)
 
     _one_of("optim.moment_dtype", o.moment_dtype, MOMENT_DTYPES)
     _require(o.lr > 0, "optim.lr", o.lr, "must be > 0")
@@ -186,7 +234,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     dp = world_size // p.pp if p.dp == -1 else p.dp
     _require(dp >= 1 and dp * p.pp == world_size, "parallel.dp", p.dp,
              f"dp * pp must equal the world size ({world_size}); -1 infers dp")
-    validate_expert_parallel(m, p, dp)
+    validate_expert_parallel(m, p, dp, world_size if local_world_size is None else local_world_size)
 
     _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "must be > 0")
@@ -208,6 +256,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         import torch
 
         _require(torch.cuda.is_available(), "train.device", t.device, "no CUDA device is visible; use cpu or auto")
+    if t.device in ("cuda", "auto"):
+        import torch
+
+        # One GPU per local rank (torchrun's LOCAL_WORLD_SIZE): more ranks than GPUs would put two ranks
+        # on one device, where NCCL refuses to run (or index a device that does not exist).
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _require(gpus == 0 or local_ranks <= gpus, "train.device", t.device,
+                 f"{local_ranks} ranks on this node but {gpus} visible GPU(s): one GPU per rank; start at most "
+                 f"{gpus} ranks per node, or use train.device=cpu")
     if t.resume not in ("auto", "none"):
         _require(os.path.isdir(t.resume), "train.resume", t.resume, "must be auto, none or an existing checkpoint")
     _require(t.bias_update_speed >= 0, "train.bias_update_speed", t.bias_update_speed, "must be >= 0")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config.schema import ModelConfig
-from dsv3.model.mla import MLA
+from dsv3.model.mla import MLA, document_mask
 from dsv3.model.moe import FeedForward, MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
@@ -26,8 +26,9 @@ class Block(nn.Module):
         self.ffn = (FeedForward(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers
                     else MoE(cfg, grouped_gemm))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -46,8 +47,9 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, cfg, grouped_gemm)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # before the shared output head
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin)
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin, mask)
 
 
 @dataclass
@@ -73,34 +75,38 @@ class Transformer(nn.Module):
         # completion-only loss), so that the step's loss is the mean over every counted label of the batch.
         self.loss_normalizer: float | None = None
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] -> last hidden state [B, S, dim] before the final norm."""
+    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> last hidden state [B, S, dim] before the final norm. `documents` [B, S]: the
+        document number of each token, to keep attention inside documents; None: causal over the sequence."""
         cos, sin = self.rope(tokens.shape[1])
+        mask = None if documents is None else document_mask(documents)
         h = self.embed(tokens)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, mask)
         return h
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> next-token logits [B, S, vocab]."""
-        return self.head(self.norm(self.hidden(tokens)))
+        return self.head(self.norm(self.hidden(tokens, documents)))
 
-    def losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> LossParts:
+    def losses(self, tokens: torch.Tensor, labels: torch.Tensor, documents: torch.Tensor | None = None) -> LossParts:
         """Cross-entropy of the main head and of every MTP depth. labels[:, i] is the token after tokens[:, i].
 
         Depth k predicts the token k+1 ahead; its sequence is cut by k at the end, where that token is unknown."""
-        h = self.hidden(tokens)
-        return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels))
+        h = self.hidden(tokens, documents)
+        return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels, documents))
 
     def main_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy(self.head(self.norm(h)), labels, self.loss_normalizer)
 
-    def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                   documents: torch.Tensor | None = None) -> list[torch.Tensor]:
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             length = tokens.shape[1] - k
             cos, sin = self.rope(length)
-            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin)
+            mask = None if documents is None else document_mask(documents[:, :length])
+            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin, mask)
             losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:], self.loss_normalizer))
         return losses
 

@@ -10,6 +10,7 @@ import logging
 import torch
 
 from dsv3.config.schema import Config
+from dsv3.data.dataset import GlobalSampler
 from dsv3.data.tokenizer import eos_id
 from dsv3.parallel.mesh import Env
 from dsv3.rl.sft_data import SFTDataset, sft_examples
@@ -23,21 +24,26 @@ class SFTTrainer(Trainer):
         self.tokenizer = tokenizer
         super().__init__(cfg, run_dir, env)
         if env.is_main:
-            log.info("SFT data: train %s; validation %s", self.train_data.describe(), self.val_data.describe())
+            log.info("SFT validation data: %s", self.val_data.describe())
 
-    def build_data(self):
+    def make_data(self):
         train, val = sft_examples(self.cfg.sft, self.cfg.tasks)
         eos, seq_len, packing = eos_id(self.tokenizer), self.cfg.data.seq_len, self.cfg.sft.packing
-        return (SFTDataset(train, self.tokenizer, eos, seq_len, packing),
-                SFTDataset(val, self.tokenizer, eos, seq_len, packing))
+        train, val = (SFTDataset(train, self.tokenizer, eos, seq_len, packing),
+                      SFTDataset(val, self.tokenizer, eos, seq_len, packing))
+        self.sampler = GlobalSampler(len(train), self.cfg.train.seed)  # global sample index -> row, per epoch
+        return train, val
 
-    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, labels = self.train_data.batch(self.sampler(first, count))
-        return tokens.to(self.env.device), labels.to(self.env.device)
+    def _rows(self, data, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        tokens, labels, documents = data.batch(indices)
+        dev = self.env.device
+        return tokens.to(dev), labels.to(dev), documents.to(dev) if self.cfg.data.document_masks else None
 
-    def _val_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, labels = self.val_data.batch(indices)
-        return tokens.to(self.env.device), labels.to(self.env.device)
+    def _batch(self, first: int, count: int):
+        return self._rows(self.train_data, self.sampler(first, count))
+
+    def _val_batch(self, indices: list[int]):
+        return self._rows(self.val_data, indices)
 
     def loss_normalizer(self, batch_size: int, n_micro: int) -> float:
         counted = self.train_data.label_count(self.sampler(self.state.consumed_samples, batch_size))

@@ -4,8 +4,10 @@ count only completion tokens.
 A row holds seq_len + 1 tokens (inputs and, shifted by one, the labels, like pretraining samples).
 An example is prompt tokens + completion tokens + EOS; the labels that predict a completion token or
 the EOS count, every other label (prompt, padding) is -100. With packing, examples follow each other
-in a row and attention crosses their boundaries, exactly as pretraining's packed documents do: an
-example can see the ones before it in its row, never learn from their tokens. Without packing every
+in a row; every token also carries its example's number in the row, so that with
+`data.document_masks=true` attention stays inside each example (as for pretraining documents).
+Without document masks, attention crosses example boundaries like pretraining's packed documents do:
+an example can see the ones before it in its row, never learn from their tokens. Without packing every
 example has a row of its own (padded with EOS): nothing to see but itself.
 """
 import json
@@ -69,9 +71,11 @@ class SFTDataset:
     def __init__(self, examples: list[Example], tokenizer, eos: int, seq_len: int, packing: bool):
         rows_tokens: list[list[int]] = []
         rows_counts: list[list[bool]] = []
+        rows_docs: list[list[int]] = []
         width = seq_len + 1
         cur_t: list[int] = []
         cur_c: list[bool] = []
+        cur_d: list[int] = []
         prompts = tokenizer.encode_batch([e.prompt for e in examples])
         completions = tokenizer.encode_batch([e.completion for e in examples])
         for i, (p, c) in enumerate(zip(prompts, completions)):
@@ -84,29 +88,39 @@ class SFTDataset:
             if cur_t and (not packing or len(cur_t) + len(toks) > width):
                 rows_tokens.append(cur_t)
                 rows_counts.append(cur_c)
-                cur_t, cur_c = [], []
+                rows_docs.append(cur_d)
+                cur_t, cur_c, cur_d = [], [], []
             cur_t, cur_c = cur_t + toks, cur_c + counts
+            cur_d = cur_d + [cur_d[-1] + 1 if cur_d else 0] * len(toks)
         if cur_t:
             rows_tokens.append(cur_t)
             rows_counts.append(cur_c)
+            rows_docs.append(cur_d)
         self.tokens = np.full((len(rows_tokens), width), eos, dtype=np.int64)
         self.counted = np.zeros((len(rows_tokens), width), dtype=bool)
-        for r, (t, c) in enumerate(zip(rows_tokens, rows_counts)):
+        self.documents = np.zeros((len(rows_tokens), width), dtype=np.int64)
+        for r, (t, c, d) in enumerate(zip(rows_tokens, rows_counts, rows_docs)):
             self.tokens[r, :len(t)], self.counted[r, :len(c)] = t, c
+            self.documents[r, :len(d)], self.documents[r, len(d):] = d, d[-1] + 1  # the padding: one more
         self.counted[:, 0] = False  # no label predicts a row's first token
         self.n_examples = len(examples)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs [B, seq_len], labels [B, seq_len]) with -100 where the label does not count."""
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs [B, seq_len], labels [B, seq_len] with -100 where the label does not count, the inputs'
+        example numbers [B, seq_len] for document masks)."""
+        indices = list(indices)
         rows = torch.from_numpy(self.tokens[indices])
         labels = rows[:, 1:].masked_fill(~torch.from_numpy(self.counted[indices][:, 1:]), IGNORE)
-        return rows[:, :-1], labels
+        return rows[:, :-1], labels, torch.from_numpy(self.documents[indices][:, :-1])
 
     def label_count(self, indices: list[int]) -> int:
         return int(self.counted[indices].sum())
+
+    def report(self, before: int, after: int, step: int) -> dict:
+        return {"data/epoch/sft": after / len(self)}
 
     def describe(self) -> str:
         used = self.counted.sum()

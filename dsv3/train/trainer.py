@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dsv3.config.schema import Config
-from dsv3.data import GlobalSampler, PackedDataset, shard_directory
+from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
 from dsv3.model.transformer import IGNORE
@@ -65,8 +65,8 @@ class Trainer:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
 
-        self.train_data, self.val_data = self.build_data()
-        self.sampler = GlobalSampler(len(self.train_data), t.seed)
+        # global sample index -> sample, over one corpus or a weighted blend (stateless: resumable exactly)
+        self.train_data, self.val_data = self.make_data()
 
         self.model = build_model(cfg, env.device)
         resume = self._resume_path()
@@ -94,17 +94,20 @@ class Trainer:
                      "samples of %d tokens; device %s, %s, world size %d", n_params / 1e6, self.plan.global_moe_layers(self.model),
                      len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype,
                      env.world_size)
+            log.info("data: %s%s%s", self.train_data.describe(),
+                     f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
+                     "; attention masked at document boundaries" if cfg.data.document_masks else "")
 
     # -- data (what a fine-tuning trainer replaces) -----------------------------------------------------
-    def build_data(self):
-        """(train, val) datasets with `len()` and `batch(indices)`; here packed pretraining samples."""
-        shards = shard_directory(self.cfg.data, self.cfg.model.vocab_size)
-        return (PackedDataset(shards, "train", self.cfg.data.seq_len),
-                PackedDataset(shards, "val", self.cfg.data.seq_len))
+    def make_data(self):
+        """(train, val): `len()`, `batch(global sample indices)`, `describe()`, `report()`."""
+        return build_data(self.cfg.data, self.cfg.model.vocab_size, self.cfg.train.seed)
 
-    def _val_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.val_data.batch(indices).to(self.env.device)
-        return batch[:, :-1], batch[:, 1:]
+    def _val_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        data = self.val_data.batch(indices)
+        batch = data.tokens.to(self.env.device)
+        docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
+        return batch[:, :-1], batch[:, 1:], docs
 
     def loss_normalizer(self, batch_size: int, n_micro: int) -> float | None:
         """Divisor of each micro-batch's summed CE (None: its mean). Pretraining counts every label, and
@@ -123,9 +126,12 @@ class Trainer:
         log.info("saved %s", path)
 
     # -- steps -------------------------------------------------------------------------------------------
-    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.train_data.batch(self.sampler(first, count)).to(self.env.device)
-        return batch[:, :-1], batch[:, 1:]
+    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, labels and (with data.document_masks) the inputs' document numbers."""
+        batch = self.train_data.batch(range(first, first + count))
+        tokens = batch.tokens.to(self.env.device)
+        docs = None if batch.documents is None else batch.documents[:, :-1].to(self.env.device)
+        return tokens[:, :-1], tokens[:, 1:], docs
 
     def train_step(self) -> dict:
         cfg, t, st = self.cfg, self.cfg.train, self.state
@@ -139,12 +145,13 @@ class Trainer:
         self.model.loss_normalizer = self.loss_normalizer(batch_size, n_micro)
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
-        def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
 
         if self.plan.pipeline is not None:
             # main CE, MTP CE, balance loss of what this rank's stages computed
-            sums = self.plan.pipeline.runner.train_step(micro_batch, n_micro, lam, self.autocast)
+            # (validation refuses document masks with pipelines: the stages get tokens and labels only)
+            sums = self.plan.pipeline.runner.train_step(lambda j: micro_batch(j)[:2], n_micro, lam, self.autocast)
         else:
             sums = self._accumulate(micro_batch, n_micro, lam)
 
@@ -162,17 +169,18 @@ class Trainer:
         sums /= self.dp
         st.step += 1
         st.consumed_samples += batch_size
+        data = self.train_data.report(st.consumed_samples - batch_size, st.consumed_samples, st.step)
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
-                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance}
+                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance, **data}
 
     def _accumulate(self, micro_batch, n_micro: int, lam: float) -> torch.Tensor:
         """Gradient accumulation over the micro-batches (pp = 1); returns the step's [main CE, MTP CE,
         balance loss] means on this rank."""
         sums = torch.zeros(3, device=self.env.device)
         for j in range(n_micro):
-            tokens, labels = micro_batch(j)
+            tokens, labels, documents = micro_batch(j)
             with self.autocast:
-                parts = self.model.losses(tokens, labels)
+                parts = self.model.losses(tokens, labels, documents)
             mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
             ((parts.main + lam * mtp) / n_micro).backward()
             balance = sum((m.last_balance_loss.to(sums.device) for m in self.moe_layers), torch.zeros_like(sums[0]))
@@ -193,12 +201,12 @@ class Trainer:
         self.model.loss_normalizer = None  # per-chunk means, weighted by the labels that count
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
-            tokens, labels = self._val_batch(chunk or [0])  # [0]: a filler, not counted
+            tokens, labels, docs = self._val_batch(chunk or [0])  # [0]: a filler, not counted
             if self.plan.pipeline is not None:  # the loss is known on the last stage's rank only
                 loss = self.plan.pipeline.runner.forward_loss(tokens, labels, self.autocast)
             else:
                 with self.autocast:
-                    loss = self.model.main_loss(self.model.hidden(tokens), labels)
+                    loss = self.model.main_loss(self.model.hidden(tokens, docs), labels)
             counted = float((labels != IGNORE).sum())
             if chunk and loss is not None and counted > 0:
                 total += torch.stack([loss.float() * counted, loss.new_tensor(counted)])

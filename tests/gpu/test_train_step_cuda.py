@@ -5,10 +5,12 @@ What must agree, and why these bands: bf16 autocast rounds every matmul input to
 (2^-9 relative), FP8 E4M3 to 4 (2^-5, with per-tile scales); both accumulate in fp32. The loss is a
 mean over 2048 tokens, so its relative error is far below the per-element one: 1% (bf16) and 2%
 (FP8). Gradients are compared by direction (cosine) and size (norm), because a token whose top-k
-tie breaks differently moves a few expert gradients wholesale. After one AdamW step both losses
+tie breaks differently moves a few expert gradients wholesale. The FP8 recipe's own gradient error
+is large: its exact CPU emulation measures a cosine of 0.968 with fp32 on this very step (the H200
+gave 0.9675), hence 0.95; bf16 measures 0.998 on the CPU, hence 0.99. After one AdamW step both losses
 must have fallen by about the same amount. The bands are loose enough for rounding and tight enough
 to catch a wrong kernel: an expert GEMM dropped, a transposed weight or a wrong scale moves the loss
-by tens of percent and the gradient cosine far below 0.98.
+by tens of percent and the gradient cosine far below 0.95.
 """
 import os
 
@@ -82,4 +84,4 @@ def test_bf16_step_on_gpu_matches_fp32_on_cpu(fp32_cpu):
 
 @needs_fp8
 def test_fp8_step_on_gpu_matches_fp32_on_cpu(fp32_cpu):
-    _compare(_step("fp8", DEVICE), fp32_cpu, loss_band=0.02, min_cos=0.98, norm_band=0.06)
+    _compare(_step("fp8", DEVICE), fp32_cpu, loss_band=0.02, min_cos=0.95, norm_band=0.06)

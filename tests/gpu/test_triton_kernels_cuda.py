@@ -126,31 +126,56 @@ def test_fp8_quantize_is_bit_identical_to_twin(tiling, pow2):
         assert torch.equal(back, ref.dequantize(want, "1x128", torch.float32)), "dequantize differs"
 
 
+# Hopper's FP8 tensor cores accumulate a product sum with only ~14 bits (V3 report §3.3.2); the kernels
+# promote to fp32 every 128 of K, as the report does, so inside one 128-long block the sum is kept that
+# coarsely. A block is 4 WGMMA instructions (K = 32 each), each adding to the accumulator with a
+# truncation of at most 2^-13 of the block's sum of |products|: 2^-11 sum |a_k b_k|, doubled for margin.
+# The twin sums exactly in fp32 (the CPU tests pin the data path to 1e-5 there).
+FP8_ACC = 2.0 ** -10
+
+
+def _abs(t):
+    """|operand|, quantized operands included (exact: E4M3 is sign-magnitude)."""
+    from dsv3.kernels.fp8_format import Fp8Tensor
+    if isinstance(t, Fp8Tensor):
+        return Fp8Tensor(t.data.float().abs().to(t.data.dtype), t.scale)
+    return t.abs()
+
+
+def assert_within_fp8_accumulation(got, want, abs_products, what: str):
+    """|got - want| <= 2^-10 sum|a b| (+ one rounding of a 16-bit output: 2^-7 covers the interpreter's
+    truncation, + fp32 reordering), elementwise."""
+    rounding = 2.0 ** -7 if want.dtype in (torch.bfloat16, torch.float16) else 0.0
+    got, want, abs_products = got.double(), want.double(), abs_products.double()
+    bound = FP8_ACC * abs_products + 1e-6 * want.abs().max() + rounding * want.abs()
+    worst = ((got - want).abs() / bound).max().item()
+    assert worst <= 1.0, f"{what}: error exceeds the FP8-accumulation bound by {worst:.3g}x"
+
+
 @pytest.mark.parametrize("shape", ["mixed", pytest.param("v3_expert", marks=full_size)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @needs_fp8
 def test_fp8_grouped_gemms_equal_twin_on_the_same_quantized_operands(shape, out_dtype):
     t = _inputs(shape, torch.bfloat16)
-    q = {"x": ref.quantize(t["x"], "1x128")}
-    h_rows = ref.quantize(t["gate_up"][:, : t["w2"].shape[2]].contiguous(), "1x128")
-    w13q, w2q = ref.quantize(t["w13"], "128x128"), ref.quantize(t["w2"], "128x128")
-    dyq_rows = ref.quantize(randn(t["x"].shape[0], t["w2"].shape[1], seed=8).to(torch.bfloat16), "1x128")
-    dy_cols = ref.quantize(randn(t["x"].shape[0], t["w13"].shape[1], seed=10).to(torch.bfloat16), "128x1")
-    x_cols = ref.quantize(t["x"], "128x1")
-    off = t["offsets"]
-    tol = 1e-5 if out_dtype == torch.float32 else 1e-2
-    cases = {
-        "gate_up_swiglu": lambda k, c: k.gate_up_swiglu(c(q["x"]), c(w13q), c(off), out_dtype),
-        "down": lambda k, c: k.grouped_linear(c(h_rows), c(w2q), c(off), out_dtype),
-        "dgrad": lambda k, c: k.grouped_linear_dgrad(c(dyq_rows), c(w2q), c(off), out_dtype),
-        "wgrad": lambda k, c: k.grouped_linear_wgrad(c(dy_cols), c(x_cols), c(off), torch.float32),
+    ops = dict(x=ref.quantize(t["x"], "1x128"),
+               h=ref.quantize(t["gate_up"][:, : t["w2"].shape[2]].contiguous(), "1x128"),
+               w13=ref.quantize(t["w13"], "128x128"), w2=ref.quantize(t["w2"], "128x128"),
+               dy=ref.quantize(randn(t["x"].shape[0], t["w2"].shape[1], seed=8).to(torch.bfloat16), "1x128"),
+               dy_cols=ref.quantize(randn(t["x"].shape[0], t["w13"].shape[1], seed=10).to(torch.bfloat16), "128x1"),
+               x_cols=ref.quantize(t["x"], "128x1"), off=t["offsets"])
+    cases = {  # name: (kernel call on a backend and operands, output dtype)
+        "gate_up (fused SwiGLU kernel)": lambda k, o: k.gate_up_swiglu(o["x"], o["w13"], o["off"], out_dtype,
+                                                                        save_gate_up=True)[1],
+        "down": lambda k, o: k.grouped_linear(o["h"], o["w2"], o["off"], out_dtype),
+        "dgrad": lambda k, o: k.grouped_linear_dgrad(o["dy"], o["w2"], o["off"], out_dtype),
+        "wgrad": lambda k, o: k.grouped_linear_wgrad(o["dy_cols"], o["x_cols"], o["off"], torch.float32),
     }
+    on_device = {n: _dev(v) for n, v in ops.items()}
+    absolute = {n: (v if n == "off" else _abs(v)) for n, v in ops.items()}
     for name, run in cases.items():
-        got = run(_tk(), _dev)
-        want = run(ref, lambda v: v)
-        got = got if isinstance(got, tuple) else (got,)
-        want = want if isinstance(want, tuple) else (want,)
-        for a, b in zip(got, want):
-            if a is None or b is None:
-                continue
-            assert_close(a.cpu(), b, tol if name != "wgrad" else 1e-5, name)
+        got = run(_tk(), on_device).cpu()
+        want = run(ref, ops)
+        assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+        assert_within_fp8_accumulation(got, want, run(ref, absolute).float(), name)
+    h, _ = _tk().gate_up_swiglu(on_device["x"], on_device["w13"], on_device["off"], out_dtype)
+    assert_close(h.cpu(), ref.gate_up_swiglu(ops["x"], ops["w13"], ops["off"], out_dtype)[0], 2e-2, "h = SwiGLU(gate_up)")

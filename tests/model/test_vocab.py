@@ -22,15 +22,18 @@ def test_special_tokens_get_new_ids_and_old_encodings_do_not_change():
     before_size = tok.get_vocab_size()
     plain = "def g(y):\n    return y * 2  # 42"
     before = tok.encode(plain).ids
-    ids = add_special_tokens(tok, NAMES)
-    assert list(ids.values()) == list(range(before_size, before_size + 4))
+    assert add_special_tokens(tok, NAMES) == NAMES
+    ids = [tok.token_to_id(n) for n in NAMES]
+    assert ids == list(range(before_size, before_size + 4))
     assert tok.get_vocab_size() == before_size + 4
     assert tok.encode(plain).ids == before
     enc = tok.encode("<think>x+1</think><answer>42</answer>").ids
-    assert [i for i in enc if i >= before_size] == list(ids.values())  # each tag one token, never split
+    assert [i for i in enc if i >= before_size] == ids  # each tag one token, never split
     assert tok.decode(enc, skip_special_tokens=False) == "<think>x+1</think><answer>42</answer>"
-    assert add_special_tokens(tok, NAMES + ["<|fim_begin|>"])["<|fim_begin|>"] == before_size + 4  # idempotent
-    assert add_special_tokens(tok, [EOS])[EOS] == tok.token_to_id(EOS) < before_size  # existing: kept
+    assert add_special_tokens(tok, NAMES + ["<|tool|>"]) == ["<|tool|>"]  # present ones are kept
+    assert tok.token_to_id("<|tool|>") == before_size + 4
+    eos = tok.token_to_id(EOS)
+    assert add_special_tokens(tok, [EOS]) == [] and tok.token_to_id(EOS) == eos < before_size
     with pytest.raises(ValueError, match="distinct"):
         add_special_tokens(tok, ["<a>", "<a>"])
 

@@ -65,7 +65,7 @@ def test_sft_loss_equals_hand_computed_masked_cross_entropy(tokenizer, packing):
     data = SFTDataset(EXAMPLES, tokenizer, eos, seq_len=60, packing=packing)
     assert (len(data) < 3) if packing else (len(data) == 3)
     rows = list(range(len(data)))
-    tokens, labels = data.batch(rows)
+    tokens, labels, _ = data.batch(rows)
     model.loss_normalizer = float(data.label_count(rows))   # one micro-batch, one rank
     with torch.no_grad():
         parts = model.losses(tokens, labels)
@@ -77,10 +77,32 @@ def test_sft_loss_equals_hand_computed_masked_cross_entropy(tokenizer, packing):
         assert model.losses(tokens, labels).main.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_packed_rows_with_document_masks_equal_each_example_alone(tokenizer):
+    """data.document_masks=true: attention stays inside each example, so the packed loss is the loss of
+    every example run on its own (RoPE sees only relative positions)."""
+    from dsv3.config.schema import ModelConfig
+
+    model = Transformer(ModelConfig(vocab_size=tokenizer.get_vocab_size(), max_seq_len=64, mtp_depth=0)).eval()
+    init_weights(model, seed=1, std=0.05)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    data = SFTDataset(EXAMPLES, tokenizer, eos, seq_len=60, packing=True)
+    tokens, labels, documents = data.batch(range(len(data)))
+    assert len(data) < len(EXAMPLES)
+    model.loss_normalizer = float(data.label_count(list(range(len(data)))))
+    with torch.no_grad():
+        packed = model.losses(tokens, labels, documents).main.item()
+        alone = []
+        for e in EXAMPLES:
+            p, c = tokenizer.encode(e.prompt).ids, tokenizer.encode(e.completion).ids + [eos]
+            logp = torch.log_softmax(model(torch.tensor([p + c]))[0].double(), -1)
+            alone += [-float(logp[len(p) - 1 + i, t]) for i, t in enumerate(c)]
+    assert packed == pytest.approx(sum(alone) / len(alone), rel=1e-5)
+
+
 def test_labels_count_completion_tokens_and_eos_only(tokenizer):
     eos = tokenizer.token_to_id("<|endoftext|>")
     data = SFTDataset(EXAMPLES[:1], tokenizer, eos, seq_len=60, packing=True)
-    tokens, labels = data.batch([0])
+    tokens, labels, _ = data.batch([0])
     p = tokenizer.encode(EXAMPLES[0].prompt).ids
     c = tokenizer.encode(EXAMPLES[0].completion).ids
     counted = (labels[0] != -100).nonzero()[:, 0].tolist()
@@ -139,7 +161,7 @@ def test_sft_run_loss_is_the_masked_ce_of_its_batch_and_plan_independent(base_ch
     eos = tokenizer.token_to_id("<|endoftext|>")
     data = SFTDataset(examples, tokenizer, eos, 160, packing=True)
     rows = GlobalSampler(len(data), 1234)(0, 8)
-    tokens, labels = data.batch(rows)
+    tokens, labels, _ = data.batch(rows)
     with torch.no_grad():
         logp = torch.log_softmax(model(tokens).double(), -1)
     mask = labels != -100
