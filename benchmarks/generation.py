@@ -159,7 +159,9 @@ def plot(results: dict, path: str) -> None:
         names = [r["contender"].replace("greedy, ", "").replace(" (its KV cache)", "") for r in sel]
         bars = ax.barh(range(len(sel)), [r["tokens_per_s"] for r in sel], color="tab:blue")
         for b, r in zip(bars, sel):
-            label = f"{r['tokens_per_s']:.0f}" + (f"  (accept {r['acceptance_rate']:.0%})" if "acceptance_rate" in r else "")
+            label = f"{r['tokens_per_s']:.0f}"
+            if "acceptance_rate" in r:
+                label += f"  (accept {r['acceptance_rate']:.0%})"
             ax.text(b.get_width(), b.get_y() + b.get_height() / 2, " " + label, va="center", fontsize=8)
         ax.set_yticks(range(len(sel)), names, fontsize=8)
         ax.invert_yaxis()

@@ -46,7 +46,8 @@ def jsonl_examples(path: str, system_prompt: str, raw: bool) -> list[Example]:
             rec = json.loads(line)
             missing = [k for k in ("prompt", "completion") if not isinstance(rec.get(k), str)]
             if missing:
-                raise ValueError(f"{path}:{i + 1}: no string field {missing[0]!r} (each line needs prompt and completion)")
+                raise ValueError(f"{path}:{i + 1}: no string field {missing[0]!r} "
+                                 "(each line needs prompt and completion)")
             prompt = rec["prompt"] if raw else r1_prompt(rec["prompt"], system_prompt)
             out.append(Example(prompt, rec["completion"]))
     if not out:

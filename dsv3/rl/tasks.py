@@ -53,7 +53,8 @@ def _column_add(a: int, b: int) -> list[str]:
     for i in range(max(len(sa), len(sb))):
         x, y = int(sa[i]) if i < len(sa) else 0, int(sb[i]) if i < len(sb) else 0
         s = x + y + carry
-        steps.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}, write {s % 10}" + (", carry 1" if s >= 10 else ""))
+        step = f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}, write {s % 10}"
+        steps.append(step + (", carry 1" if s >= 10 else ""))
         carry = s // 10
     if carry:
         steps.append("write the carry 1")

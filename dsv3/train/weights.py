@@ -86,7 +86,8 @@ def tokenizer_path_of(path: str) -> str:
     """The tokenizer.json a checkpoint was trained with: one next to it (in the step directory or the
     checkpoint directory above it, where fine-tuning runs write theirs), else the tokenizer of the data
     its run was configured with (the embedded corpus' cache or a prepared shard directory)."""
-    for candidate in (os.path.join(path, "tokenizer.json"), os.path.join(os.path.dirname(path.rstrip("/")), "tokenizer.json")):
+    beside = [path, os.path.dirname(path.rstrip("/"))]
+    for candidate in (os.path.join(d, "tokenizer.json") for d in beside):
         if os.path.isfile(candidate):
             return candidate
     config = os.path.join(path, "config.yaml")

@@ -6,12 +6,14 @@ import pytest
 
 from dsv3.config.post_training import RewardTerm
 from dsv3.rl.expression import ExpressionError, evaluate, reaches_target
-from dsv3.rl.rewards import Rollout, WeightedReward, accuracy, answer_field, format_reward, math_equal, overlong, repetition
+from dsv3.rl.rewards import (Rollout, WeightedReward, accuracy, answer_field, format_reward, math_equal, overlong,
+                             repetition)
 from dsv3.rl.tasks import Problem
 
 ARITH = Problem("arithmetic", 2, "What is 58 + 62?", "120", "")
 EQ = Problem("linear_equation", 4, "Solve for x: 2x + 7 = 0", "-7/2", "")
-COUNT = Problem("countdown", 1, "Using the numbers [3, 3, 7] ...", "(3 * 7) / 3", "", {"numbers": [3, 3, 7], "target": 7})
+COUNT = Problem("countdown", 1, "Make 7 from the numbers [3, 3, 7] ...", "(3 * 7) / 3", "",
+                {"numbers": [3, 3, 7], "target": 7})
 
 
 def acc(text, problem=ARITH):

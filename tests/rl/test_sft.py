@@ -11,7 +11,6 @@ import torch
 from dsv3.data.tokenizer import add_special_tokens, load_tokenizer, train_bpe
 from dsv3.data.dataset import GlobalSampler
 from dsv3.model import Transformer, init_weights
-from dsv3.model.vocab import grow_vocab
 from dsv3.rl.sft_data import Example, SFTDataset
 from dsv3.rl.template import R1_SPECIAL_TOKENS
 from dsv3.train.weights import load_initial_weights, model_config_of
