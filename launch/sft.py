@@ -9,7 +9,6 @@ Face DeepseekV3 directory); its tokenizer gets the `sft.special_tokens` (the R1 
 output head grow to match, and the extended tokenizer is written to `<checkpoint.dir>/tokenizer.json`,
 next to the checkpoints, where `launch/generate.py` finds it. Every pretraining plan and option applies.
 """
-import dataclasses
 import os
 import sys
 
@@ -28,28 +27,9 @@ register()
 
 def prepare(cfg):
     """The base model's architecture with the grown vocabulary, and the extended tokenizer."""
-    from dsv3.data.tokenizer import add_special_tokens, load_tokenizer
-    from dsv3.train.weights import checkpoint_step, model_config_of, tokenizer_path_of
+    from dsv3.rl.start import prepare_from_checkpoint
 
-    c = cfg.checkpoint
-    if c.init_from is None:
-        raise ConfigError("checkpoint.init_from", None, "must name the pretrained checkpoint SFT starts from")
-    try:
-        c.init_from = checkpoint_step(c.init_from)
-        base = model_config_of(c.init_from)
-        tokenizer = load_tokenizer(cfg.sft.tokenizer or tokenizer_path_of(c.init_from))
-    except FileNotFoundError as e:
-        raise ConfigError("checkpoint.init_from", c.init_from, str(e)) from None
-    if tokenizer.get_vocab_size() > base.vocab_size:
-        raise ConfigError("sft.tokenizer", cfg.sft.tokenizer, f"has {tokenizer.get_vocab_size()} tokens, more than "
-                          f"the model's {base.vocab_size}")
-    try:
-        add_special_tokens(tokenizer, cfg.sft.special_tokens)
-    except ValueError as e:
-        raise ConfigError("sft.special_tokens", cfg.sft.special_tokens, str(e)) from None
-    grown = max(base.vocab_size, tokenizer.get_vocab_size())
-    cfg.model = dataclasses.replace(base, vocab_size=grown, max_seq_len=max(base.max_seq_len, cfg.data.seq_len))
-    return tokenizer
+    return prepare_from_checkpoint(cfg, min_context=cfg.data.seq_len)
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")

@@ -1,10 +1,13 @@
-"""Config schema of post-training (R1): task families, rule rewards, cold-start SFT.
+"""Config schema of post-training (R1): task families, rule rewards, cold-start SFT, GRPO.
 
-Kept apart from `schema.py` (pretraining); `Config` holds them as `tasks`, `rewards` and `sft`."""
+Kept apart from `schema.py` (pretraining); `Config` holds them as `tasks`, `rewards`, `sft` and `rl`."""
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from dsv3.rl.template import R1_SPECIAL_TOKENS, R1_SYSTEM_PROMPT
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS = ("sequence_mean", "token_mean", "constant")
 
 
 @dataclass
@@ -60,6 +63,72 @@ class SFTConfig:
     sequence, padded: no attention between examples, more padding."""
 
 
+@dataclass
+class GRPOConfig:
+    """GRPO (launch/grpo.py, dsv3/rl/grpo.py): G samples per prompt from the current policy, rule rewards,
+    group-normalized advantages, the clipped-ratio objective and a KL term to the frozen start model. The
+    variants of the GRPO, DAPO and Dr. GRPO papers are switches here. One RL step = one batch of samples
+    and `mu` optimizer steps on it; `train.max_steps` counts RL steps, `train.micro_batch_size` is
+    sequences per forward, `train.seed` seeds sampling; `train.global_batch_size` is not used."""
+
+    num_generations: int = 8
+    """G: samples per prompt (a group); >= 2."""
+    prompts_per_step: int = 16
+    """Groups per RL step (whole run, all ranks): the batch is prompts_per_step x G samples."""
+    prompt_pool: int = 2048
+    """Training prompts: this many problems of `tasks` (train split), visited in a seeded order, epoch by epoch."""
+    max_new_tokens: int = 128
+    """Completion tokens at most; a completion cut there is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; the policy's log-probabilities are those of softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1 = off). The objective still uses the untruncated policy's log-probabilities."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    epsilon: float = 0.2
+    """Lower clip: the ratio is clipped below at 1 - epsilon."""
+    epsilon_high: float = 0.2
+    """Upper clip: the ratio is clipped above at 1 + epsilon_high (DAPO's clip-higher: 0.28)."""
+    beta: float = 0.0
+    """Weight of the KL term to the reference (the `checkpoint.init_from` model, frozen); 0 = no KL term and
+    no reference model kept at all (DAPO, Dr. GRPO). R1: 0.001."""
+    kl_estimator: str = "k3"
+    """k1: log(pi/pi_ref); k2: (log(pi/pi_ref))^2 / 2; k3: pi_ref/pi - log(pi_ref/pi) - 1 (GRPO paper)."""
+    loss_aggregation: str = "sequence_mean"
+    """`sequence_mean`: each completion's token mean, then the mean over completions (GRPO paper);
+    `token_mean`: the mean over every completion token of the batch (DAPO); `constant`: the sum over
+    every token divided by completions x `constant_normalizer` (Dr. GRPO)."""
+    constant_normalizer: Optional[int] = None
+    """The per-completion constant of `constant` aggregation; None = max_new_tokens."""
+    scale_advantages: bool = True
+    """Divide advantages by the group's reward std (+1e-4); false: only subtract the group mean (Dr. GRPO)."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal (no signal) and sample more prompts until
+    prompts_per_step groups remain, or `max_sampling_rounds` rounds were drawn (then train on what remains)."""
+    max_sampling_rounds: int = 4
+    """Rounds of prompts_per_step prompts at most per RL step with dynamic_sampling."""
+    mask_truncated: bool = False
+    """Completions cut at max_new_tokens count no tokens in the loss (DAPO's overlong filtering)."""
+    mu: int = 1
+    """Optimizer steps per batch of samples; the log-probabilities of the first are kept as pi_old."""
+    expert_bias: str = "freeze"
+    """The aux-loss-free routing bias during RL: `freeze` (as the start model left it) or `update` (moved by
+    train.bias_update_speed after every optimizer step, on the expert loads of the batch, as in pretraining)."""
+    mtp: str = "off"
+    """`off`: the MTP modules are neither run nor updated (kept as they are); `train`: they also learn to
+    predict the sampled completions (weight train.mtp_loss_weight), so their drafts follow the policy."""
+    system_prompt: Optional[str] = None
+    """Text before "User: ..." in every prompt; None = the one the `checkpoint.init_from` run used."""
+    eval_problems: int = 64
+    """Held-out problems per evaluation (every train.val_every steps, before the first and after the last)."""
+    eval_difficulties: list[int] = field(default_factory=list)
+    """Difficulty levels of the held-out evaluation; empty = tasks.difficulties."""
+    eval_samples: int = 4
+    """Samples per held-out problem: pass@1 is their mean accuracy, pass@k (k = eval_samples) is reported too."""
+    eval_temperature: float = 0.7
+    """Sampling temperature of the evaluation."""
+
+
 def validate_post_training(cfg) -> None:
     """The rules of the tasks, rewards and sft sections (called by dsv3.config.validate)."""
     import os
@@ -94,3 +163,36 @@ def validate_post_training(cfg) -> None:
         raise ConfigError("sft.val_examples", s.val_examples, "must be >= 1")
     if s.tokenizer is not None and not os.path.isfile(s.tokenizer):
         raise ConfigError("sft.tokenizer", s.tokenizer, "must be an existing tokenizer.json")
+    validate_rl(cfg.rl)
+
+
+def validate_rl(r) -> None:
+    from dsv3.config.errors import ConfigError
+
+    def need(ok: bool, key: str, value, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"rl.{key}", value, allowed)
+
+    need(r.num_generations >= 2, "num_generations", r.num_generations, "must be >= 2 (a group needs two samples)")
+    for key in ("prompts_per_step", "prompt_pool", "max_new_tokens", "mu", "max_sampling_rounds", "eval_problems",
+                "eval_samples"):
+        need(getattr(r, key) >= 1, key, getattr(r, key), "must be >= 1")
+    need(r.temperature > 0, "temperature", r.temperature, "must be > 0 (GRPO samples; greedy has no groups)")
+    need(0 < r.top_p <= 1, "top_p", r.top_p, "must be in (0, 1] (1 = off)")
+    need(r.top_k >= 0, "top_k", r.top_k, "must be >= 0 (0 = off)")
+    need(0 <= r.epsilon < 1, "epsilon", r.epsilon, "must be in [0, 1)")
+    need(r.epsilon_high >= 0, "epsilon_high", r.epsilon_high, "must be >= 0")
+    need(r.beta >= 0, "beta", r.beta, "must be >= 0 (0 = no KL term, no reference model)")
+    need(r.kl_estimator in KL_ESTIMATORS, "kl_estimator", r.kl_estimator, f"must be one of {', '.join(KL_ESTIMATORS)}")
+    need(r.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", r.loss_aggregation,
+         f"must be one of {', '.join(LOSS_AGGREGATIONS)}")
+    need(r.constant_normalizer is None or r.constant_normalizer >= 1, "constant_normalizer", r.constant_normalizer,
+         "must be >= 1, or null (= rl.max_new_tokens)")
+    need(r.expert_bias in ("freeze", "update"), "expert_bias", r.expert_bias, "must be one of freeze, update")
+    need(r.mtp in ("off", "train"), "mtp", r.mtp, "must be one of off, train")
+    need(r.eval_temperature >= 0, "eval_temperature", r.eval_temperature, "must be >= 0 (0 = greedy)")
+    from dsv3.rl.tasks import MAX_DIFFICULTY
+
+    need(all(1 <= d <= MAX_DIFFICULTY for d in r.eval_difficulties), "eval_difficulties", r.eval_difficulties,
+         f"must be levels in 1..{MAX_DIFFICULTY} (empty = tasks.difficulties)")
+

@@ -7,7 +7,7 @@ Model field names follow DeepSeek's inference `ModelArgs` wherever a name exists
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from dsv3.config.post_training import RewardTerm, SFTConfig, TaskConfig
+from dsv3.config.post_training import GRPOConfig, RewardTerm, SFTConfig, TaskConfig
 
 
 @dataclass
@@ -306,3 +306,4 @@ class Config:
     tasks: TaskConfig = field(default_factory=TaskConfig)
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm("accuracy", 1.0), RewardTerm("format", 0.1)])
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: GRPOConfig = field(default_factory=GRPOConfig)

@@ -157,6 +157,10 @@ class Trainer:
                 "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance, **data,
                 **self.plan.step_metrics()}
 
+    def validation_metrics(self) -> dict:
+        """What a periodic validation logs (a fine-tuning trainer may measure something else)."""
+        return {"val_loss": self.evaluate()}
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss on a fixed slice of the held-out split (the same samples for every plan)."""
@@ -187,13 +191,15 @@ class Trainer:
                 start = time.time()
                 metrics = self.train_step()
                 elapsed = time.time() - start
-                metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
+                if "tokens_per_s" not in metrics:
+                    metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
                 metrics["step_time_s"] = elapsed
                 step = self.state.step
                 last = step == t.max_steps
-                if (t.val_every and step % t.val_every == 0) or last:
-                    metrics["val_loss"] = self.evaluate()
-                if step % t.log_every == 0 or last or "val_loss" in metrics:
+                validated = bool(t.val_every and step % t.val_every == 0) or last
+                if validated:
+                    metrics.update(self.validation_metrics())
+                if step % t.log_every == 0 or last or validated:
                     self.metrics.log(step, metrics)
                 saved = (c.every and step % c.every == 0) or last
                 if saved:
