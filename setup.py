@@ -84,8 +84,9 @@ setup(
         # triton: the kernels are tested compiled with 3.6 (on an H200) and interpreted with 3.6 and 3.9;
         # 3.6's interpreter needs numpy < 2.4 (see docs/gpu.md).
         # datasets: the tests write real `save_to_disk` directories for prepare_data to read
+        # trl: its GRPOTrainer's loss is the reference of ours (tests/rl/test_grpo_loss.py, tested with 1.16)
         "test": ["pytest>=8", "transformers>=4.57", "triton>=3.6", "matplotlib>=3.7", "pyarrow>=14",
-                 "zstandard>=0.22", "datasets>=2.14"],
+                 "zstandard>=0.22", "datasets>=2.14", "trl>=1.16,<2"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
     },
     ext_modules=[dispatch_extension()],

@@ -54,9 +54,10 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> t
     raise ValueError(f"KL estimator {estimator!r}: must be one of k1, k2, k3")
 
 
-def token_weights(mask: torch.Tensor, aggregation: str, constant: float | None = None) -> torch.Tensor:
+def token_weights(mask: torch.Tensor, aggregation: str, constant: float | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """mask [N, L] (completion tokens that count) -> weights [N, L] with the loss = sum w * l (module doc)."""
-    m = mask.float()
+    m = mask.to(dtype)
     n = m.shape[0]
     if aggregation == "sequence_mean":
         return m / (m.sum(dim=1, keepdim=True).clamp(min=1) * n)
@@ -102,9 +103,10 @@ def clipped_objective(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log softmax(logits / T) at the targets, and the entropy of that distribution; [n, L] each, fp32.
-    The entropy is computed without a gradient (a metric)."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    """log softmax(logits / T) at the targets, and the entropy of that distribution; [n, L] each, in fp32
+    at least (bf16 logits are upcast: ratios of probabilities need the precision). The entropy is
+    computed without a gradient (a metric)."""
+    logp_all = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
