@@ -1,0 +1,146 @@
+"""GRPO end to end on a tiny checkpoint: the launcher, the rollout -> reward -> advantage -> update
+loop, the first inner step's exact ratio of 1 and KL of 0, micro-batching and resuming that do not
+change a step, and config errors that name the key.
+
+A two-step pretrained model writes noise, so the task rewards (accuracy, format) are 0 for every
+sample and carry no signal. The runs that need one add a test reward (the share of digits in the
+completion) to the registry in-process, and run the launcher's `prepare` and `GRPOTrainer` there."""
+import copy
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv3.config.errors import ConfigError
+from dsv3.rl import rewards as reward_registry
+from dsv3.train.weights import tokenizer_path_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from helpers import read_metrics, run_pretrain  # noqa: E402
+
+GRPO = os.path.join(ROOT, "launch", "grpo.py")
+spec = importlib.util.spec_from_file_location("launch_grpo", GRPO)
+launch_grpo = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(launch_grpo)  # registers the config schema with Hydra
+
+
+@pytest.fixture(scope="module")
+def base_checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("base")
+    r = run_pretrain(str(run), "+experiment=moe_tiny", "train.max_steps=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    # beside the checkpoints, where fine-tuning runs keep theirs: found without rebuilding the corpus' path
+    shutil.copy(tokenizer_path_of(str(run / "checkpoints" / "step_00000002")), run / "checkpoints")
+    return str(run / "checkpoints")
+
+
+def digits(r, **_) -> float:
+    text = r.completion or ""
+    return sum(ch.isdigit() for ch in text) / max(len(text), 1)
+
+
+@pytest.fixture
+def digit_reward(monkeypatch):
+    monkeypatch.setitem(reward_registry.REWARDS, "digits", digits)
+
+
+def compose(base: str, run_dir: str, *overrides: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from dsv3.config.store import to_config
+
+    with initialize_config_dir(config_dir=f"{ROOT}/configs", version_base="1.3"):
+        return to_config(hydra_compose("config", overrides=[
+            "+experiment=grpo_tiny", f"checkpoint.init_from={base}", f"checkpoint.dir={run_dir}/checkpoints",
+            "train.threads=1", "train.device=cpu", *overrides]))
+
+
+def run_in_process(base: str, run_dir: str, *overrides: str) -> list[dict]:
+    from dsv3.config.validate import validate
+    from dsv3.parallel.mesh import Env
+    from dsv3.rl.grpo import GRPOTrainer
+
+    cfg = compose(base, run_dir, *overrides)
+    tokenizer = launch_grpo.prepare(cfg)
+    validate(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    GRPOTrainer(cfg, run_dir, Env(0, 1, 0, torch.device("cpu")), tokenizer).run()
+    return read_metrics(run_dir)
+
+
+SIGNAL = ["rewards=[{name:digits,weight:1.0},{name:format,weight:0.1}]", "rl.mu=2", "rl.beta=0.05",
+          "rl.epsilon_high=0.28", "rl.loss_aggregation=token_mean", "rl.eval_problems=1", "train.max_steps=2",
+          "train.global_batch_size=16"]
+
+
+def test_launcher_runs_grpo_end_to_end(base_checkpoint, tmp_path):
+    """launch/grpo.py from a pretrained checkpoint: every metric of a step is logged, the first step's
+    policy is the reference (k3 KL exactly 0) and its ratio exactly 1, checkpoints and the extended
+    tokenizer are written."""
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, GRPO, f"hydra.run.dir={run}", "+experiment=grpo_tiny", "train.threads=1",
+                        f"checkpoint.init_from={base_checkpoint}", f"checkpoint.dir={run}/checkpoints"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = read_metrics(str(run))
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("reward", "reward_std", "reward/accuracy", "reward/format", "accuracy", "kl", "clip_frac/low",
+                "clip_frac/high", "entropy", "completion_length", "completion_length_max", "truncation_rate",
+                "frac_zero_std", "logprob_diff/mean_abs", "logprob_diff/max_abs", "sampling_tokens_per_s",
+                "training_tokens_per_s", "eval/pass@1", "eval/pass@2"):
+        assert key in metrics[-1], key
+    assert metrics[0]["kl"] == 0.0 and metrics[0]["ratio_first_step_max_dev"] == 0.0
+    assert metrics[0]["logprob_diff/max_abs"] < 1e-4   # the sampler's log-probs are the trainer's (fp32)
+    assert os.path.isfile(run / "checkpoints" / "tokenizer.json")
+    assert os.path.isdir(run / "checkpoints" / "step_00000002")
+
+
+def test_update_loop_micro_batching_and_resuming(base_checkpoint, tmp_path, digit_reward):
+    """With rewards that differ within groups the policy moves: gradients flow, the second step's policy
+    differs from the reference (KL > 0) while every first inner step still has ratio exactly 1. The token
+    weights of the loss come from the whole batch: 4 micro-batches of 4 sequences give the step of one
+    micro-batch of 16. A run stopped after step 1 and resumed gives step 2 of the full run."""
+    split = run_in_process(base_checkpoint, str(tmp_path / "split"), *SIGNAL, "train.micro_batch_size=4")
+    first, second = split
+    assert first["frac_zero_std"] < 1 and first["advantage_abs_mean"] > 0 and first["reward/digits"] > 0
+    assert first["grad_norm"] > 0 and first["kl"] == 0.0 and second["kl"] > 0
+    assert first["ratio_first_step_max_dev"] == 0.0 and second["ratio_first_step_max_dev"] == 0.0
+    whole = run_in_process(base_checkpoint, str(tmp_path / "whole"), *SIGNAL, "train.micro_batch_size=16")
+    for a, b in zip(whole, split):
+        assert a["reward"] == b["reward"]                       # the same samples
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    resumed_dir = str(tmp_path / "resumed")
+    run_in_process(base_checkpoint, resumed_dir, *SIGNAL, "train.micro_batch_size=4", "train.max_steps=1")
+    resumed = run_in_process(base_checkpoint, resumed_dir, *SIGNAL, "train.micro_batch_size=4", "train.resume=auto")
+    step2 = [m for m in resumed if m["step"] == 2][0]
+    for key in ("reward", "loss", "grad_norm", "kl"):
+        assert step2[key] == second[key], key
+
+
+@pytest.fixture(scope="module")
+def grpo_config(base_checkpoint, tmp_path_factory):
+    return compose(base_checkpoint, str(tmp_path_factory.mktemp("cfg")))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("rl.num_generations", 1), ("rl.kl_estimator", "k4"), ("rl.loss_aggregation", "seq_sum"), ("rl.epsilon", 1.5),
+    ("rl.temperature", 0.0), ("rl.expert_bias", "learn"), ("rl.mu", 0), ("rl.constant_normalizer", 0),
+    ("parallel.ep", 2), ("precision.dtype", "fp8")])
+def test_bad_settings_are_refused_naming_the_key(grpo_config, key, value):
+    """What launch/grpo.py checks before any work (it prints the error and exits 2)."""
+    from dsv3.config.validate import validate
+
+    cfg = copy.deepcopy(grpo_config)
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError) as e:
+        launch_grpo.prepare(cfg)
+        validate(cfg)
+    assert str(e.value).startswith(f"invalid config: {key}={value!r}:"), str(e.value)
