@@ -61,7 +61,7 @@ def compose(base: str, run_dir: str, *overrides: str):
             "train.threads=1", "train.device=cpu", *overrides]))
 
 
-def run_in_process(base: str, run_dir: str, *overrides: str) -> list[dict]:
+def run_in_process(base: str, run_dir: str, *overrides: str, trainer_out: list | None = None) -> list[dict]:
     from dsv3.config.validate import validate
     from dsv3.parallel.mesh import Env
     from dsv3.rl.grpo import GRPOTrainer
@@ -70,7 +70,10 @@ def run_in_process(base: str, run_dir: str, *overrides: str) -> list[dict]:
     tokenizer = launch_grpo.prepare(cfg)
     validate(cfg)
     os.makedirs(run_dir, exist_ok=True)
-    GRPOTrainer(cfg, run_dir, Env(0, 1, 0, torch.device("cpu")), tokenizer).run()
+    trainer = GRPOTrainer(cfg, run_dir, Env(0, 1, 0, torch.device("cpu")), tokenizer)
+    trainer.run()
+    if trainer_out is not None:
+        trainer_out.append(trainer)
     return read_metrics(run_dir)
 
 
@@ -101,16 +104,43 @@ def test_launcher_runs_grpo_end_to_end(base_checkpoint, tmp_path):
     assert os.path.isdir(run / "checkpoints" / "step_00000002")
 
 
+def gate_biases(trainer) -> dict[str, list[float]]:
+    return {n: b.tolist() for n, b in trainer.model.state_dict().items() if n.endswith("gate.bias")}
+
+
+def start_biases(trainer) -> dict[str, list[float]]:
+    from dsv3.model import Transformer
+    from dsv3.train.weights import load_initial_weights
+
+    model = Transformer(trainer.cfg.model)
+    load_initial_weights(trainer.cfg.checkpoint.init_from, model, trainer.cfg.model)
+    return {n: b.tolist() for n, b in model.state_dict().items() if n.endswith("gate.bias")}
+
+
+def test_expert_bias_update_and_mtp_training(base_checkpoint, tmp_path, digit_reward):
+    """rl.expert_bias=update moves the routing bias on the RL batch's loads; rl.mtp=train trains the MTP
+    module on the sampled completions (its loss is logged)."""
+    trainers = []
+    metrics = run_in_process(base_checkpoint, str(tmp_path / "u"), *SIGNAL, "train.max_steps=1",
+                             "rl.expert_bias=update", "rl.mtp=train", trainer_out=trainers)
+    assert metrics[0]["mtp_loss"] > 0
+    assert gate_biases(trainers[0]) != start_biases(trainers[0])
+
+
 def test_update_loop_micro_batching_and_resuming(base_checkpoint, tmp_path, digit_reward):
     """With rewards that differ within groups the policy moves: gradients flow, the second step's policy
     differs from the reference (KL > 0) while every first inner step still has ratio exactly 1. The token
     weights of the loss come from the whole batch: 4 micro-batches of 4 sequences give the step of one
     micro-batch of 16. A run stopped after step 1 and resumed gives step 2 of the full run."""
-    split = run_in_process(base_checkpoint, str(tmp_path / "split"), *SIGNAL, "train.micro_batch_size=4")
+    trainers = []
+    split = run_in_process(base_checkpoint, str(tmp_path / "split"), *SIGNAL, "train.micro_batch_size=4",
+                           trainer_out=trainers)
     first, second = split
     assert first["frac_zero_std"] < 1 and first["advantage_abs_mean"] > 0 and first["reward/digits"] > 0
     assert first["grad_norm"] > 0 and first["kl"] == 0.0 and second["kl"] > 0
     assert first["ratio_first_step_max_dev"] == 0.0 and second["ratio_first_step_max_dev"] == 0.0
+    assert "mtp_loss" not in first                              # rl.mtp=off: the MTP module is not run
+    assert gate_biases(trainers[0]) == start_biases(trainers[0])  # rl.expert_bias=freeze
     whole = run_in_process(base_checkpoint, str(tmp_path / "whole"), *SIGNAL, "train.micro_batch_size=16")
     for a, b in zip(whole, split):
         assert a["reward"] == b["reward"]                       # the same samples
