@@ -77,7 +77,7 @@ class GRPOTrainer(Trainer):
 
     # -- the step --------------------------------------------------------------------------------------------
     def train_step(self) -> dict:
-        cfg, r, t, st = self.cfg, self.cfg.rl, self.cfg.train, self.state
+        cfg, r, st = self.cfg, self.cfg.rl, self.state
         start = time.perf_counter()
         with self.autocast:
             batch, drawn = self.sampler.collect(st.consumed_samples, r.prompts_per_step, r.dynamic_sampling,

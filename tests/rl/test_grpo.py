@@ -21,6 +21,7 @@ from dsv3.train.weights import tokenizer_path_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "rl"))
 from helpers import read_metrics, run_pretrain  # noqa: E402
 
 GRPO = os.path.join(ROOT, "launch", "grpo.py")
@@ -39,9 +40,7 @@ def base_checkpoint(tmp_path_factory):
     return str(run / "checkpoints")
 
 
-def digits(r, **_) -> float:
-    text = r.completion or ""
-    return sum(ch.isdigit() for ch in text) / max(len(text), 1)
+from grpo_with_test_reward import digits  # noqa: E402  (the share of digits in the completion)
 
 
 @pytest.fixture
@@ -132,7 +131,7 @@ def test_update_loop_micro_batching_and_resuming(base_checkpoint, tmp_path, digi
     differs from the reference (KL > 0) while every first inner step still has ratio exactly 1. The token
     weights of the loss come from the whole batch: 4 micro-batches of 4 sequences give the step of one
     micro-batch of 16. A run stopped after step 1 and resumed gives step 2 of the full run."""
-    trainers = []
+    trainers: list = []
     split = run_in_process(base_checkpoint, str(tmp_path / "split"), *SIGNAL, "train.micro_batch_size=4",
                            trainer_out=trainers)
     first, second = split
@@ -146,6 +145,19 @@ def test_update_loop_micro_batching_and_resuming(base_checkpoint, tmp_path, digi
         assert a["reward"] == b["reward"]                       # the same samples
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # data parallel, 2 ranks (torchrun): each samples half the prompts, all see every group, each trains
+    # on 8 of the 16 rows in 2 micro-batches of 4: the steps of the single process
+    dp_dir = tmp_path / "dp2"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(ROOT, "tests", "rl", "grpo_with_test_reward.py"), f"hydra.run.dir={dp_dir}",
+                        "+experiment=grpo_tiny", "train.threads=1", f"checkpoint.init_from={base_checkpoint}",
+                        f"checkpoint.dir={dp_dir}/checkpoints", *SIGNAL, "train.micro_batch_size=4"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(read_metrics(str(dp_dir)), split):
+        assert a["reward"] == b["reward"]
+        for key in ("loss", "grad_norm", "kl", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     resumed_dir = str(tmp_path / "resumed")
     run_in_process(base_checkpoint, resumed_dir, *SIGNAL, "train.micro_batch_size=4", "train.max_steps=1")
     resumed = run_in_process(base_checkpoint, resumed_dir, *SIGNAL, "train.micro_batch_size=4", "train.resume=auto")
