@@ -129,6 +129,33 @@ class GRPOConfig:
     """Sampling temperature of the evaluation."""
 
 
+@dataclass
+class RejectionConfig:
+    """Rejection sampling (launch/rejection_sample.py): `num_samples` completions per problem from
+    `checkpoint.init_from`, keep the complete, correct, well-formed, readable, distinct ones, write them
+    as SFT data (JSONL for launch/sft.py with sft.source=jsonl)."""
+
+    problems: int = 256
+    """Problems drawn from `tasks` (train split)."""
+    num_samples: int = 8
+    """Samples per problem."""
+    max_new_tokens: int = 128
+    temperature: float = 0.7
+    top_p: float = 1.0
+    require_correct: bool = True
+    """Keep only samples whose answer field is correct (the accuracy reward)."""
+    require_format: bool = True
+    """Keep only samples exactly in the template (the format reward)."""
+    max_repetition: float = 0.2
+    """Drop samples whose share of repeated word 3-grams exceeds this (readability); 1 = keep all."""
+    max_per_problem: int = 2
+    """Distinct kept samples per problem at most (after deduplication)."""
+    output: Optional[str] = None
+    """None = `<run dir>/traces.jsonl`. The kept samples, {"prompt", "completion", "family", "difficulty", "answer"} per line. Beside it,
+    `<output stem>.gold.jsonl`: every drawn problem answered with its gold answer alone (no reasoning),
+    the baseline of distillation."""
+
+
 def validate_post_training(cfg) -> None:
     """The rules of the tasks, rewards and sft sections (called by dsv3.config.validate)."""
     import os
@@ -164,6 +191,7 @@ def validate_post_training(cfg) -> None:
     if s.tokenizer is not None and not os.path.isfile(s.tokenizer):
         raise ConfigError("sft.tokenizer", s.tokenizer, "must be an existing tokenizer.json")
     validate_rl(cfg.rl)
+    validate_rejection(cfg.rejection)
 
 
 def validate_rl(r) -> None:
@@ -196,3 +224,17 @@ def validate_rl(r) -> None:
     need(all(1 <= d <= MAX_DIFFICULTY for d in r.eval_difficulties), "eval_difficulties", r.eval_difficulties,
          f"must be levels in 1..{MAX_DIFFICULTY} (empty = tasks.difficulties)")
 
+
+
+def validate_rejection(r) -> None:
+    from dsv3.config.errors import ConfigError
+
+    for key in ("problems", "num_samples", "max_new_tokens", "max_per_problem"):
+        if getattr(r, key) < 1:
+            raise ConfigError(f"rejection.{key}", getattr(r, key), "must be >= 1")
+    if not r.temperature > 0:
+        raise ConfigError("rejection.temperature", r.temperature, "must be > 0 (several distinct samples are drawn)")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError("rejection.top_p", r.top_p, "must be in (0, 1] (1 = off)")
+    if not 0 <= r.max_repetition <= 1:
+        raise ConfigError("rejection.max_repetition", r.max_repetition, "must be in [0, 1] (1 = keep all)")

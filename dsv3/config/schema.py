@@ -7,7 +7,7 @@ Model field names follow DeepSeek's inference `ModelArgs` wherever a name exists
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from dsv3.config.post_training import GRPOConfig, RewardTerm, SFTConfig, TaskConfig
+from dsv3.config.post_training import GRPOConfig, RejectionConfig, RewardTerm, SFTConfig, TaskConfig
 
 
 @dataclass
@@ -307,3 +307,4 @@ class Config:
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm("accuracy", 1.0), RewardTerm("format", 0.1)])
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: GRPOConfig = field(default_factory=GRPOConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)

@@ -7,6 +7,7 @@ sample and carry no signal. The runs that need one add a test reward (the share 
 completion) to the registry in-process, and run the launcher's `prepare` and `GRPOTrainer` there."""
 import copy
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -174,7 +175,7 @@ def grpo_config(base_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("key,value", [
     ("rl.num_generations", 1), ("rl.kl_estimator", "k4"), ("rl.loss_aggregation", "seq_sum"), ("rl.epsilon", 1.5),
     ("rl.temperature", 0.0), ("rl.expert_bias", "learn"), ("rl.mu", 0), ("rl.constant_normalizer", 0),
-    ("parallel.ep", 2), ("precision.dtype", "fp8")])
+    ("parallel.ep", 2), ("precision.dtype", "fp8"), ("rejection.num_samples", 0), ("rejection.max_repetition", 2.0)])
 def test_bad_settings_are_refused_naming_the_key(grpo_config, key, value):
     """What launch/grpo.py checks before any work (it prints the error and exits 2)."""
     from dsv3.config.validate import validate
@@ -186,3 +187,19 @@ def test_bad_settings_are_refused_naming_the_key(grpo_config, key, value):
         launch_grpo.prepare(cfg)
         validate(cfg)
     assert str(e.value).startswith(f"invalid config: {key}={value!r}:"), str(e.value)
+
+
+def test_rejection_sampling_launcher_writes_sft_data(base_checkpoint, tmp_path):
+    """launch/rejection_sample.py: the kept traces (none from a model that writes noise: every sample is
+    dropped, and why is counted) and the gold-answer twin, one line per problem."""
+    run = tmp_path / "rs"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "rejection_sample.py"), f"hydra.run.dir={run}",
+                        "+experiment=rejection_arith_tiny", f"checkpoint.init_from={base_checkpoint}",
+                        "rejection.problems=4", "rejection.num_samples=2", "rejection.max_new_tokens=8"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout.split("rejection sampling: ")[1].splitlines()[0])
+    assert summary["samples"] == 8 and summary["kept"] == 0 and sum(summary["dropped"].values()) == 8
+    assert (run / "traces.jsonl").read_text() == ""
+    gold = [json.loads(line) for line in (run / "traces.gold.jsonl").read_text().splitlines()]
+    assert len(gold) == 4 and all("<answer>" in g["completion"] for g in gold)
