@@ -205,7 +205,18 @@ class TrainConfig:
     val_samples: int = 32
     """Held-out sequences per evaluation: the first ones of the validation split, whatever the plan."""
     resume: str = "auto"
-    """`auto`: continue from the latest complete checkpoint in `checkpoint.dir` if any; `none`; or a path."""
+    """`auto`: continue from the newest intact checkpoint in `checkpoint.dir` if any (a damaged one is
+    reported and skipped); `none`; or a path (exit 2 if it is damaged)."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Config keys or sections (`optim.lr`, `optim`) that may differ from the checkpoint's config when
+    resuming. The plan, run length, logging and checkpoint cadence may always change; the model's shapes
+    and the data never (see dsv3/train/resume.py)."""
+    on_nonfinite: str = "skip"
+    """A step whose loss or gradient norm is NaN/inf (on any rank) is not applied. `skip`: go on with the
+    next batch, stopping after `max_consecutive_skips` such steps in a row; `stop`: stop at the first.
+    Stopping saves nothing and exits with code 3."""
+    max_consecutive_skips: int = 3
+    """With on_nonfinite=skip: the number of non-finite steps in a row after which the run stops."""
     bias_update_speed: float = 0.001
     """Aux-loss-free balancing: gamma, the per-step bias adjustment (V3: 0.001, then 0)."""
     bias_update_stop_step: int = -1

@@ -14,6 +14,7 @@ DATA_SOURCES = ("stdlib", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 MOMENT_DTYPES = ("fp32", "bf16")
 GROUPED_GEMM_IMPLS = ("auto", "triton", "torch", "reference")
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -127,6 +128,15 @@ def validate_micro_batches(m: Any, p: Any, t: Any, dp: int) -> None:
                                         "the schedule") from None
 
 
+def _check_checkpoint_files(key: str, path: str) -> None:
+    """A checkpoint named by the user: every file of its manifest present with its size (the checksums are
+    compared when it is loaded, the ranks sharing the work)."""
+    from dsv3.train.manifest import MANIFEST, verify
+
+    problems = [p for p in verify(path, checksums=False, collective=False) if p != f"no {MANIFEST}"]
+    _require(not problems, key, path, f"is damaged: {'; '.join(problems[:3])}")
+
+
 def _check_kernels_run_here(cfg: Config) -> None:
     """The requested expert GEMM implementation must be able to run on this device (no silent fallback)."""
     import torch
@@ -209,6 +219,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(torch.cuda.is_available(), "train.device", t.device, "no CUDA device is visible; use cpu or auto")
     if t.resume not in ("auto", "none"):
         _require(os.path.isdir(t.resume), "train.resume", t.resume, "must be auto, none or an existing checkpoint")
+        _check_checkpoint_files("train.resume", t.resume)
+    _one_of("train.on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES)
+    _require(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", t.max_consecutive_skips, "must be >= 1")
+    from dsv3.train.resume import validate_allow_changes
+
+    validate_allow_changes(list(t.resume_allow_changes))
     _require(t.bias_update_speed >= 0, "train.bias_update_speed", t.bias_update_speed, "must be >= 0")
     _require(t.balance_loss_alpha >= 0, "train.balance_loss_alpha", t.balance_loss_alpha, "must be >= 0")
 
@@ -218,3 +234,5 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if c.init_from is not None:
         _require(os.path.isdir(c.init_from), "checkpoint.init_from", c.init_from,
                  "must be a dsv3 checkpoint or a Hugging Face DeepseekV3 directory")
+        if not os.path.isfile(os.path.join(c.init_from, "config.json")):
+            _check_checkpoint_files("checkpoint.init_from", c.init_from)

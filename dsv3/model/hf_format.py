@@ -22,10 +22,19 @@ _ATTN_INV = {v: k for k, v in _ATTN.items()}
 _FFN_INV = {v: k for k, v in _FFN.items()}
 
 
+def export_problems(cfg: ModelConfig) -> list[str]:
+    """Why `cfg` has no equivalent DeepseekV3ForCausalLM (empty: it has one)."""
+    problems = []
+    if cfg.score_func != "sigmoid":
+        problems.append(f"model.score_func={cfg.score_func!r}: HF's DeepseekV3 only has sigmoid routing")
+    return problems
+
+
 def hf_config(cfg: ModelConfig, **extra) -> dict:
     """The config.json of a DeepseekV3ForCausalLM equivalent to `cfg`."""
-    if cfg.score_func != "sigmoid":
-        raise ValueError(f"model.score_func={cfg.score_func!r}: HF's DeepseekV3 only has sigmoid routing")
+    problems = export_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
     if yarn_enabled(cfg):
         rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
                 "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from omegaconf import OmegaConf
 
+from dsv3 import exit_codes
 from dsv3.config.schema import Config
 from dsv3.data import GlobalSampler, PackedDataset, shard_directory
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
@@ -25,9 +26,11 @@ from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import apply_parallel_plan
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
-from dsv3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.train.checkpoint import load_checkpoint, save_checkpoint
 from dsv3.train.metrics import MetricsLogger
+from dsv3.train.nonfinite import NonFiniteSteps, agree_on_step, model_is_finite
 from dsv3.train.optim import DTYPES, AdamW, parameter_groups
+from dsv3.train.resume import checkpoint_to_resume
 from dsv3.train.stop_signals import StopSignals
 from dsv3.train.weights import load_initial_weights
 
@@ -63,14 +66,16 @@ class Trainer:
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
+        resume = checkpoint_to_resume(cfg)  # verified, its config compared: before any work
 
         shards = shard_directory(cfg.data, cfg.model.vocab_size)
+        tokenizer = os.path.join(shards, "tokenizer.json")
+        self.tokenizer = tokenizer if os.path.isfile(tokenizer) else None
         self.train_data = PackedDataset(shards, "train", cfg.data.seq_len)
         self.val_data = PackedDataset(shards, "val", cfg.data.seq_len)
         self.sampler = GlobalSampler(len(self.train_data), t.seed)
 
         self.model = build_model(cfg, env.device)
-        resume = self._resume_path()
         if resume is None and cfg.checkpoint.init_from is not None:
             # Before the plan: the weights are loaded whole, and the plan slices them like initialized ones.
             load_initial_weights(cfg.checkpoint.init_from, self.model, cfg.model)
@@ -81,6 +86,7 @@ class Trainer:
         self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                moment_dtype=DTYPES[o.moment_dtype])
         self.state = TrainState()
+        self.nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_consecutive_skips)
         # fp8 on a GPU: BF16 for what stays out of FP8 (V3 report); on CPU fp32 (the emulation).
         bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "fp8" and env.device.type == "cuda")
         self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -97,15 +103,20 @@ class Trainer:
                      env.world_size)
 
     # -- state -------------------------------------------------------------------------------------------
-    def _resume_path(self) -> str | None:
-        resume = self.cfg.train.resume
-        return latest_checkpoint(self.cfg.checkpoint.dir) if resume == "auto" else (None if resume == "none" else resume)
-
     def save(self) -> None:
+        if not model_is_finite(self.model, self.env.device):  # never let a diverged model replace good ones
+            self._stop_diverged("the model has non-finite parameters")
         path = save_checkpoint(self.cfg.checkpoint.dir, self.state.step, self.model, self.optimizer,
                                asdict(self.state), OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-                               keep=self.cfg.checkpoint.keep, plan=self.plan)
+                               keep=self.cfg.checkpoint.keep, plan=self.plan, tokenizer=self.tokenizer)
         log.info("saved %s", path)
+
+    def _stop_diverged(self, why: str) -> None:
+        log.error("stopping at step %d: %s; nothing saved, the checkpoints in %s are untouched (lower optim.lr, "
+                  "raise optim.warmup_steps or set optim.grad_clip, then resume with "
+                  "train.resume_allow_changes=[optim])", self.state.step, why, self.cfg.checkpoint.dir)
+        self.metrics.close()
+        raise SystemExit(exit_codes.DIVERGED)
 
     # -- steps -------------------------------------------------------------------------------------------
     def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,20 +145,22 @@ class Trainer:
 
         self.plan.reduce_gradients(self.model)
         grad_norm = self.plan.clip_grad_norm(self.model, cfg.optim.grad_clip)
+        # every (layer, micro-batch) was computed by one rank of each dp replica; the ranks agree on finiteness
+        sums, finite = agree_on_step(sums, grad_norm)
+        sums /= self.dp
         lr = schedules.learning_rate(st.step, cfg.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if finite:  # else the step is not applied (train.on_nonfinite)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t),
+        balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t) if finite else 0.0,
                                        self.plan.sum_router_loads, self.plan.all_layers)
-
-        all_reduce_sum(sums)  # every (layer, micro-batch) was computed by one rank of each dp replica
-        sums /= self.dp
         st.step += 1
         st.consumed_samples += batch_size
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
-                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance}
+                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam,
+                "skipped": int(not finite), **balance}
 
     def _accumulate(self, micro_batch, n_micro: int, lam: float) -> torch.Tensor:
         """Gradient accumulation over the micro-batches (pp = 1); returns the step's [main CE, MTP CE,
@@ -200,11 +213,21 @@ class Trainer:
                 metrics["step_time_s"] = elapsed
                 step = self.state.step
                 last = step == t.max_steps
+                self.nonfinite.record(not metrics["skipped"])
+                if metrics["skipped"]:
+                    log.warning("step %d: non-finite loss %.4g or gradient norm %.4g on some rank: not applied "
+                                "(%s)", step, metrics["loss"], metrics["grad_norm"], "train.on_nonfinite=stop"
+                                if t.on_nonfinite == "stop" else f"{self.nonfinite.consecutive} in a row, at most "
+                                f"train.max_consecutive_skips={t.max_consecutive_skips}")
+                    if self.nonfinite.must_stop:
+                        self.metrics.log(step, metrics)
+                        self._stop_diverged(f"{self.nonfinite.consecutive} non-finite step(s) in a row")
                 if (t.val_every and step % t.val_every == 0) or last:
                     metrics["val_loss"] = self.evaluate()
-                if step % t.log_every == 0 or last or "val_loss" in metrics:
+                if step % t.log_every == 0 or last or "val_loss" in metrics or metrics["skipped"]:
                     self.metrics.log(step, metrics)
-                saved = (c.every and step % c.every == 0) or last
+                # not in a run of skipped steps: a checkpoint of the same weights would prune a good one
+                saved = (c.every and step % c.every == 0 and not self.nonfinite.consecutive) or last
                 if saved:
                     self.save()
                 signum = stop.agreed(self.env.device)
@@ -214,7 +237,7 @@ class Trainer:
                     log.warning("stopping after step %d on %s; resume with train.resume=auto", step,
                                 signal.Signals(signum).name)
                     self.metrics.close()
-                    raise SystemExit(128 + signum)
+                    raise SystemExit(exit_codes.signalled(signum))
         self.metrics.close()
 
 

@@ -1,9 +1,10 @@
 """Every invalid configuration exits with code 2 and one line naming the key, before any work is done."""
 import os
+import re
 
 import pytest
 
-from tests.helpers import run_pretrain
+from tests.helpers import run_pretrain, run_torchrun
 
 BAD = {
     "too_many_activated_experts": (["model.n_activated_experts=999"], "model.n_activated_experts"),
@@ -32,6 +33,13 @@ def test_bad_config_exits_2_naming_the_key(case, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0], r.stderr
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # no work was done
+
+
+def test_under_torchrun_the_error_is_printed_once_and_the_workers_exit_2(tmp_path):
+    r = run_torchrun(2, str(tmp_path / "run"), "+experiment=moe_tiny", "model.n_activated_experts=999", timeout=120)
+    assert r.returncode != 0  # torchrun's own code is 1 whatever its workers' codes are
+    assert (r.stdout + r.stderr).count("invalid config: model.n_activated_experts=999") == 1, r.stderr
+    assert re.search(r"exitcode\s*:\s*2 ", r.stderr), r.stderr  # torchrun's summary of the first failure
 
 
 def test_pipeline_config_inconsistent_with_the_batch_exits_2_on_every_rank(tmp_path):
