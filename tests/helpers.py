@@ -12,7 +12,8 @@ PRETRAIN = os.path.join(ROOT, "launch", "pretrain.py")
 def pretrain_cmd(run_dir: str, *overrides: str) -> list[str]:
     # One thread per process: tests run next to each other on 2 cores, and oversubscribed OpenMP
     # threads spin rather than sleep.
-    return [sys.executable, PRETRAIN, f"hydra.run.dir={run_dir}", "train.threads=1", *overrides]
+    # train.device=cpu: these tests mean the CPU, also on a machine with a GPU (a test may override it).
+    return [sys.executable, PRETRAIN, f"hydra.run.dir={run_dir}", "train.threads=1", "train.device=cpu", *overrides]
 
 
 def run_pretrain(run_dir: str, *overrides: str, timeout: int = 600,
@@ -30,7 +31,7 @@ def read_metrics(run_dir: str) -> list[dict]:
 def torchrun_cmd(nproc: int, run_dir: str, *overrides: str) -> list[str]:
     """The same entry point under torchrun (--standalone picks a free rendezvous port)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            PRETRAIN, f"hydra.run.dir={run_dir}", "train.threads=1", *overrides]
+            PRETRAIN, f"hydra.run.dir={run_dir}", "train.threads=1", "train.device=cpu", *overrides]
 
 
 def run_torchrun(nproc: int, run_dir: str, *overrides: str, timeout: int = 900) -> subprocess.CompletedProcess:

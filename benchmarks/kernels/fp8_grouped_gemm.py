@@ -27,7 +27,7 @@ def _cases(args, E, device, out_dtype) -> list[Case]:
     from dsv3.kernels import triton as tk
     quantize = ref.quantize if args.check else tk.quantize  # the twin's quantizer keeps --check independent
     H, I = args.hidden, args.inter
-    counts = routed_counts(args.tokens, args.topk, args.total_experts, E)
+    counts = routed_counts(args.tokens, args.topk, args.total_experts, E, align=args.align)
     offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
     M = sum(counts)
     g = torch.Generator(device=device).manual_seed(E)

@@ -23,7 +23,7 @@ def _cases(args, E, device) -> list[Case]:
     from dsv3.kernels import reference as ref
     from dsv3.kernels import triton as tk
     H, I = args.hidden, args.inter
-    M = sum(routed_counts(args.tokens, args.topk, args.total_experts, E))
+    M = sum(routed_counts(args.tokens, args.topk, args.total_experts, E, align=args.align))
     g = torch.Generator(device=device).manual_seed(E)
     x = (torch.randn(M, H, device=device, generator=g) * 3).to(torch.bfloat16)
     w13 = (torch.randn(E, 2 * I, H, device=device, generator=g) * H ** -0.5).to(torch.bfloat16)

@@ -42,7 +42,7 @@ def _cases(args, E, device, dtype) -> list[Case]:
     H, I = args.hidden, args.inter
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]  # baselines round bf16 in other places
     out = []
-    counts = routed_counts(args.tokens, args.topk, args.total_experts, E)
+    counts = routed_counts(args.tokens, args.topk, args.total_experts, E, align=args.align)
     offs = torch.tensor(counts, device=device).cumsum(0).to(torch.int32)
     bounds = ref.expert_bounds(offs)
     M = sum(counts)

@@ -30,26 +30,34 @@ def parse_args(doc: str) -> argparse.Namespace:
     p.add_argument("--total-experts", type=int, default=256, help="routed experts of the model")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--inter", type=int, default=2048, help="expert intermediate size")
+    p.add_argument("--align", type=int, default=16,
+                   help="round each expert's row count up to a multiple of this, as an aligned dispatch "
+                        "(dispatch_layout(align=...)) does; torch._grouped_mm's K-grouped baseline needs 8+ "
+                        "(1 in --check mode, which keeps the awkward counts)")
     p.add_argument("--json", help="write the results to this JSON file")
     args = p.parse_args()
     if args.check:
         # Must precede the first `import triton` (callers import dsv3.kernels.triton after this).
         os.environ["TRITON_INTERPRET"] = "1"
         args.experts, args.tokens, args.total_experts, args.hidden, args.inter = [3, 5], 48, 12, 160, 80
+        args.align = 1
     elif args.total_experts < max(args.experts):
         p.error(f"--experts {max(args.experts)} exceeds --total-experts {args.total_experts}")
     return args
 
 
-def routed_counts(tokens: int, topk: int, total_experts: int, local_experts: int, seed: int = 0) -> list[int]:
+def routed_counts(tokens: int, topk: int, total_experts: int, local_experts: int, seed: int = 0,
+                  align: int = 1) -> list[int]:
     """Rows each of this rank's `local_experts` receives when every token picks top-k of
-    `total_experts` uniformly at random (the expert-parallel view: the rank holds the first ones)."""
+    `total_experts` uniformly at random (the expert-parallel view: the rank holds the first ones),
+    each rounded up to a multiple of `align`."""
     import torch
     g = torch.Generator().manual_seed(seed)
     picks = torch.rand(tokens, total_experts, generator=g).topk(topk, dim=1).indices
     counts = torch.bincount(picks.flatten(), minlength=total_experts)[:local_experts].tolist()
     if len(counts) > 1:  # keep the edge cases of the layout in every run: an empty and a one-row expert
         counts[0], counts[1] = 0, 1
+    counts = [-(-c // align) * align for c in counts]
     # torch._grouped_mm (a baseline) needs 16-byte aligned strides: the wgrad operands [N, M] have
     # row stride M, so the total row count is made a multiple of 16.
     counts[-1] += -sum(counts) % 16

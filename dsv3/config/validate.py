@@ -217,6 +217,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         import torch
 
         _require(torch.cuda.is_available(), "train.device", t.device, "no CUDA device is visible; use cpu or auto")
+    if t.device in ("cuda", "auto"):
+        import torch
+
+        # One GPU per local rank (torchrun's LOCAL_WORLD_SIZE): more ranks than GPUs would put two ranks
+        # on one device, where NCCL refuses to run (or index a device that does not exist).
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        _require(gpus == 0 or local_ranks <= gpus, "train.device", t.device,
+                 f"{local_ranks} ranks on this node but {gpus} visible GPU(s): one GPU per rank; start at most "
+                 f"{gpus} ranks per node, or use train.device=cpu")
     if t.resume not in ("auto", "none"):
         _require(os.path.isdir(t.resume), "train.resume", t.resume, "must be auto, none or an existing checkpoint")
         _check_checkpoint_files("train.resume", t.resume)

@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from dsv3.fp8.recipe import Fp8Recipe
 from dsv3.kernels.fp8_format import Fp8Tensor
+from dsv3.kernels.ops import autocast_operands
 
 
 def one_expert(rows: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,10 @@ class Fp8Linear(nn.Linear):
         self.recipe, self.role = recipe, role
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = Fp8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, self.recipe, self.role)
+        # Under a GPU run's autocast the FP8 GEMMs take BF16 inputs and give BF16 outputs, as the
+        # report's recipe does; the master weight stays fp32 (autocast does not reach this Function).
+        (rows,) = autocast_operands(x.reshape(-1, self.in_features))
+        y = Fp8LinearFunction.apply(rows, self.weight, self.recipe, self.role)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias  # the bias add stays in high precision
 

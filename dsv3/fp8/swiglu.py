@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 from dsv3.fp8.linear import one_expert
 from dsv3.fp8.recipe import Fp8Recipe
 from dsv3.kernels.fp8_format import Fp8Tensor, attached_fp8, check_fp8
+from dsv3.kernels.ops import autocast_operands
 from dsv3.model.moe import Experts, FeedForward
 
 
@@ -77,9 +78,10 @@ class Fp8Experts(Experts):
         self.recipe = recipe
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        x_fp8 = attached_fp8(x)
+        x_fp8 = attached_fp8(x)  # read before the cast below, which would make a new tensor without it
         if x_fp8 is not None:
             check_fp8(x_fp8, "1x128", "the FP8 rows attached to the expert input")
+        (x,) = autocast_operands(x)  # outputs in BF16 under a GPU run's autocast (the masters stay fp32)
         return Fp8SwiGLUFunction.apply(x, self.w13, self.w2, offsets, self.recipe, "expert_in", "expert_out_grad",
                                        x_fp8)
 
@@ -97,7 +99,7 @@ class Fp8FeedForward(FeedForward):
         self.recipe = recipe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
+        (rows,) = autocast_operands(x.reshape(-1, x.shape[-1]))
         w13 = torch.cat([self.w1.weight, self.w3.weight]).unsqueeze(0)
         y = Fp8SwiGLUFunction.apply(rows, w13, self.w2.weight.unsqueeze(0), one_expert(rows), self.recipe,
                                     "linear_in", "act_grad", None)

@@ -3,12 +3,17 @@
 Implementations of the grouped expert GEMMs (config key `kernels.grouped_gemm`):
 - "triton": the Triton kernels of `dsv3/kernels/triton` (fp16/bf16; FP8 on sm_89+). CUDA sm_80+, or
   CPU inside Triton's interpreter (TRITON_INTERPRET=1 set before Python starts; for tests).
-- "torch": `torch._grouped_mm` (one call per GEMM, no host sync; fast on CPU and on sm_90+). No FP8.
+- "torch": `torch._grouped_mm` (one call per GEMM, no host sync; fast on CPU). No FP8. Refused on CUDA:
+  its weight-gradient form (groups along K) hits a device-side assert unless every expert's row count
+  is a multiple of 8 (seen with torch 2.11 on an H200), and routed row counts are arbitrary.
 - "reference": the per-expert loop of `reference.py` (for tests; for FP8 the dequantize-then-matmul
   emulation, which is how the FP8 recipe runs on CPU).
-- "auto": triton on CUDA sm_80+ for fp16/bf16 (FP8: sm_89+), torch on CPU (FP8: reference).
+- "auto": triton on CUDA sm_80+ (FP8: sm_89+; fp32 activations get IEEE fp32 dot products), torch on
+  CPU (FP8: reference). On a GPU where Triton cannot run, the reference loop, with a WARNING that
+  says so and why.
 Asking for an implementation the device cannot run is an error, never a silent fallback.
 """
+import logging
 import os
 
 import torch
@@ -19,6 +24,7 @@ from dsv3.kernels.fp8_format import DEFAULT_AMAX_FLOOR
 
 GROUPED_GEMM_IMPLS = ("auto", "triton", "torch", "reference")
 FP8_GROUPED_GEMM_IMPLS = ("auto", "triton", "reference")
+log = logging.getLogger("dsv3")
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
@@ -57,14 +63,23 @@ def resolve_grouped_gemm_impl(impl: str, device: torch.device | str, dtype: torc
         raise ValueError(f"{what}={impl!r} is not one of {allowed}")
     device = torch.device(device)
     if impl == "auto":
-        if device.type == "cuda":
-            cap = _capability(device)
-            if fp8 and cap < (8, 9):
-                raise ValueError(f"{what}='auto': {device} has compute capability {cap[0]}.{cap[1]}, FP8 GEMMs "
-                                 f"need 8.9 (Ada) or newer; train in bf16 on this GPU")
-            if (fp8 or dtype in (torch.float16, torch.bfloat16)) and _triton_problem(device, dtype, fp8) is None:
-                return "triton"
-        return "reference" if fp8 else "torch"
+        if device.type != "cuda":
+            return "reference" if fp8 else "torch"
+        cap = _capability(device)
+        if fp8 and cap < (8, 9):
+            raise ValueError(f"{what}='auto': {device} has compute capability {cap[0]}.{cap[1]}, FP8 GEMMs "
+                             f"need 8.9 (Ada) or newer; train in bf16 on this GPU")
+        problem = _triton_problem(device, dtype, fp8)
+        if problem is None:
+            return "triton"
+        log.warning("%s='auto': the Triton kernels cannot run here (%s); the routed experts run on the per-expert "
+                    "'reference' loop instead (correct, several times slower)", what, problem)
+        return "reference"
+    if impl == "torch" and device.type == "cuda":
+        raise ValueError(f"{what}='torch' cannot run on CUDA: torch._grouped_mm's weight gradient (groups along K) "
+                         f"asserts on the device unless every expert's row count is a multiple of 8, and routed "
+                         f"row counts are arbitrary. Use 'auto' or 'triton' (sm_80+), or 'reference'. "
+                         f"Allowed values: {allowed}")
     if impl == "triton":
         problem = _triton_problem(device, dtype, fp8)
         if problem is not None:
@@ -105,9 +120,25 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, impl
     raise ValueError(f"grouped_linear: unknown implementation {impl!r} (resolved ones: triton, torch, reference)")
 
 
+def autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in the autocast dtype when autocast is on for their device, else unchanged.
+
+    Autocast intercepts aten ops only; the experts' custom autograd Functions (and the Triton kernels
+    behind them) are out of its reach, so a bf16 run would otherwise hand them the fp32 residual
+    stream and fp32 master weights: IEEE fp32 dot products, no tensor cores. The casts are autograd
+    ops, so gradients still reach the fp32 masters in fp32."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def expert_swiglu_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
                       impl: str = "torch") -> torch.Tensor:
-    """All routed experts on the expert-major rows `x`: down(silu(gate(x)) * up(x))."""
+    """All routed experts on the expert-major rows `x`: down(silu(gate(x)) * up(x)), in the autocast
+    dtype when autocast is on (see `autocast_operands`)."""
+    x, w13, w2 = autocast_operands(x, w13, w2)
     if impl == "reference":
         return reference.expert_swiglu_mlp(x, w13, w2, offsets)
     if impl == "triton":

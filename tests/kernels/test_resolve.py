@@ -44,13 +44,23 @@ def test_triton_on_a_too_old_gpu_is_an_error(monkeypatch, capability, fp8, messa
         ops.resolve_grouped_gemm_impl("triton", "cuda", torch.bfloat16, fp8=fp8)
 
 
-def test_auto_on_gpus(monkeypatch):
+def test_auto_on_gpus(monkeypatch, caplog):
     monkeypatch.setattr(ops, "_capability", lambda device: (8, 0))
     assert ops.resolve_grouped_gemm_impl("auto", "cuda", torch.bfloat16) == "triton"
-    assert ops.resolve_grouped_gemm_impl("auto", "cuda", torch.float32) == "torch"  # no fp32 tensor-core path
+    assert ops.resolve_grouped_gemm_impl("auto", "cuda", torch.float32) == "triton"  # IEEE fp32 dot products
     with pytest.raises(ValueError, match="FP8 GEMMs need 8.9"):
         ops.resolve_grouped_gemm_impl("auto", "cuda", torch.bfloat16, fp8=True)
     monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
     assert ops.resolve_grouped_gemm_impl("auto", "cuda", torch.bfloat16, fp8=True) == "triton"
-    monkeypatch.setattr(ops, "_capability", lambda device: (7, 0))
-    assert ops.resolve_grouped_gemm_impl("auto", "cuda", torch.float16) == "torch"
+    assert not caplog.records
+    monkeypatch.setattr(ops, "_capability", lambda device: (7, 5))  # Turing: no Triton grouped GEMMs
+    with caplog.at_level("WARNING", logger="dsv3"):
+        assert ops.resolve_grouped_gemm_impl("auto", "cuda", torch.float16) == "reference"
+    assert "the Triton kernels cannot run here (cuda has compute capability 7.5" in caplog.text
+    assert "'reference' loop instead" in caplog.text
+
+
+def test_torch_grouped_mm_is_refused_on_cuda(monkeypatch):
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    with pytest.raises(ValueError, match="'torch' cannot run on CUDA: torch._grouped_mm's weight gradient"):
+        ops.resolve_grouped_gemm_impl("torch", "cuda", torch.bfloat16)

@@ -72,11 +72,13 @@ def quantize_kernel(
                      mask=in_mask, other=0.0)
         x = x * _broadcast(xs, BLOCK_R, BLOCK_C, IN_GR, IN_GC)
     amax = tl.max(tl.max(_per_tile(tl.abs(x), BLOCK_R, BLOCK_C, GR, GC), axis=3), axis=1)
-    scale = tl.maximum(amax, amax_floor) / 448.0
+    # IEEE-rounded divisions (div_rn): Triton's `/` on fp32 compiles to an approximate division on
+    # CUDA (within 2 ulp), which made GPU scales and codes differ from the twin's in the last bit.
+    scale = tl.math.div_rn(tl.maximum(amax, amax_floor), tl.full(amax.shape, 448.0, tl.float32))
     if POW2:
         # Round up to a power of two exactly: a non-zero mantissa bumps the exponent.
         scale = ((scale.to(tl.int32, bitcast=True) + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
-    y = tl.clamp(x / _broadcast(scale, BLOCK_R, BLOCK_C, GR, GC), -448.0, 448.0)
+    y = tl.clamp(tl.math.div_rn(x, _broadcast(scale, BLOCK_R, BLOCK_C, GR, GC)), -448.0, 448.0)
     tl.store(q_ptr + b64 * stride_qb + rr64[:, None] * stride_qr + rc64[None, :] * stride_qc,
              _round_to_e4m3(y).to(q_ptr.dtype.element_ty), mask=mask)
     sr = pid_r * (BLOCK_R // GR) + tl.arange(0, BLOCK_R // GR)
