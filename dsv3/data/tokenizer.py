@@ -6,10 +6,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 EOS = "<|endoftext|>"
 
 
+MIN_BPE_VOCAB = 258  # 256 byte symbols, at least one merge, and the EOS token
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE with `vocab_size` entries (256 byte symbols + merges + the EOS token)."""
-    if vocab_size < 257 + 1:
-        raise ValueError(f"vocab_size={vocab_size}: a byte-level BPE needs at least 258 entries")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size}: a byte-level BPE needs at least {MIN_BPE_VOCAB} entries")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.kernels import dispatch as kernels
-from dsv3.kernels.dispatch_reference import QUANT_GROUP
+from dsv3.kernels.fp8_format import TILE
 from dsv3.kernels.fp8_format import Fp8Tensor, attach_fp8
 
 
@@ -48,7 +48,7 @@ class _Exchange(torch.autograd.Function):
 
 def dequantize_1x128(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x = q * scale per 1x128 tile along the hidden dim (the last tile may be narrower)."""
-    full = scales.repeat_interleave(QUANT_GROUP, dim=1)
+    full = scales.repeat_interleave(TILE, dim=1)
     return (q.float() * full[:, :q.shape[1]]).to(dtype)
 
 

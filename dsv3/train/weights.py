@@ -5,9 +5,9 @@ import os
 import torch
 import yaml
 
-from dsv3.config.schema import ModelConfig
-from dsv3.model.hf_format import from_hf_state_dict, load_hf, model_config_from_hf
 from dsv3.config.errors import ConfigError
+from dsv3.config.schema import ModelConfig
+from dsv3.model.hf_format import from_hf_state_dict, load_hf, model_config_from_hf, read_hf_config
 from dsv3.train.checkpoint import describe_damage, load_checkpoint, verify_checkpoint
 
 # Fields that change the weights' shapes or meaning; the rest (seq lengths, init std) may differ.
@@ -21,17 +21,26 @@ def is_hf_directory(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def check_same_architecture(ours: ModelConfig, theirs: ModelConfig, source: str) -> None:
-    for name in ARCHITECTURE_FIELDS:
-        a, b = getattr(ours, name), getattr(theirs, name)
-        if a != b:
-            raise ValueError(f"checkpoint.init_from={source}: model.{name}={a!r} but the weights have {b!r}")
+def saved_model_config(path: str, ours: ModelConfig) -> ModelConfig:
+    """The model config of the weights in `path` (fields a dsv3 checkpoint did not save: `ours`)."""
+    if is_hf_directory(path):
+        return model_config_from_hf(read_hf_config(path))
+    with open(os.path.join(path, "config.yaml")) as f:
+        return dataclasses.replace(ours, **yaml.safe_load(f)["model"])
+
+
+def architecture_differences(ours: ModelConfig, theirs: ModelConfig) -> str:
+    """'model.dim 64 vs 32, ...' for every architecture field that differs ('' when none)."""
+    return ", ".join(f"model.{n} {getattr(ours, n)!r} vs {getattr(theirs, n)!r}" for n in ARCHITECTURE_FIELDS
+                     if getattr(ours, n) != getattr(theirs, n))
 
 
 def load_initial_weights(path: str, model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """Load `checkpoint.init_from` (validated: dsv3/train/config_rules.py) into the whole, unsharded model.
+    A collective under torch.distributed (the ranks share the checksums of a dsv3 checkpoint)."""
+    assert not architecture_differences(cfg, saved_model_config(path, cfg)), path
     if is_hf_directory(path):
         hf_cfg, tensors = load_hf(path)
-        check_same_architecture(cfg, model_config_from_hf(hf_cfg), path)
         sd = from_hf_state_dict(cfg, tensors)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         # HF checkpoints without MTP layers leave our MTP modules at their initialization.
@@ -40,9 +49,6 @@ def load_initial_weights(path: str, model: torch.nn.Module, cfg: ModelConfig) ->
             raise ValueError(f"{path}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
         return
     problems = verify_checkpoint(path)
-    if problems:
+    if problems:  # what only the checksums show: validation compared the sizes
         raise ConfigError("checkpoint.init_from", path, describe_damage(path, problems))
-    with open(os.path.join(path, "config.yaml")) as f:
-        saved = yaml.safe_load(f)["model"]
-    check_same_architecture(cfg, dataclasses.replace(cfg, **saved), path)
     load_checkpoint(path, model, optimizer=None)

@@ -140,3 +140,54 @@ def test_expert_parallel_layouts_that_align_pass(world, ep, groups):
     cfg.parallel.ep, cfg.model.n_expert_groups = ep, groups
     cfg.train.micro_batch_size = 1
     validate(cfg, world_size=world)
+
+
+def test_the_data_vocabulary_must_fit_the_model():
+    """What the data loader used to find out after the run had started is a config error now."""
+    import json
+    import tempfile
+
+    from dsv3.config import ConfigError, validate
+    from dsv3.config.schema import Config
+
+    with tempfile.TemporaryDirectory() as shards:
+        with open(os.path.join(shards, "meta.json"), "w") as f:
+            json.dump({"vocab_size": 1000}, f)
+        cfg = Config()
+        cfg.data.source, cfg.data.path = "shards", shards
+        with pytest.raises(ConfigError, match=r"model.vocab_size=512: must be >= the 1000 tokens of the tokenizer"):
+            validate(cfg)
+        cfg.model.vocab_size = 1024
+        validate(cfg)
+    cfg = Config()
+    cfg.model.vocab_size = 200  # the embedded corpus' BPE is trained with model.vocab_size entries
+    with pytest.raises(ConfigError, match="model.vocab_size=200: must be >= 258"):
+        validate(cfg)
+
+
+def test_init_from_weights_of_another_architecture_is_a_config_error(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from dsv3.config import ConfigError, validate
+    from dsv3.config.schema import Config, ModelConfig
+    from dsv3.model import Transformer
+    from dsv3.model.hf_format import save_hf
+    from dsv3.train.manifest import write_manifest
+
+    other = ModelConfig(dim=32)
+    dsv3_dir, hf_dir = tmp_path / "dsv3", tmp_path / "hf"
+    dsv3_dir.mkdir()
+    (dsv3_dir / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(other)}))
+    write_manifest(str(dsv3_dir))
+    save_hf(str(hf_dir), other, Transformer(other).state_dict())
+    for source in (dsv3_dir, hf_dir):
+        cfg = Config()
+        cfg.checkpoint.init_from = str(source)
+        with pytest.raises(ConfigError, match="holds weights of another architecture: model.dim 64 vs 32"):
+            validate(cfg)
+    (hf_dir / "model.safetensors").unlink()
+    cfg.model.dim = 32
+    with pytest.raises(ConfigError, match="no \\*.safetensors weights"):
+        validate(cfg)
