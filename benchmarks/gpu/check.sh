@@ -69,6 +69,12 @@ else
   step tests 240 $PY -m pytest tests/gpu -q -rfE -p no:cacheprovider --junitxml="$OUT/tests.xml"
 fi
 
+# 2b. The csrc/ CPU tests against the CUDA build of the extension (its host path and error messages):
+#     7 of them failed on the first H200 run inside a larger suite whose report was cut off.
+if [ $DRY = 0 ]; then
+  step csrc_host_tests 120 $PY -m pytest tests/csrc -q -rfE -p no:cacheprovider --junitxml="$OUT/csrc_host_tests.xml"
+fi
+
 # 3. Kernel speed: ratios against baselines measured in the same run.
 K=benchmarks/kernels
 V3="--experts 8 32 --tokens 4096 --topk 8 --total-experts 256 --hidden 7168 --inter 2048"

@@ -46,10 +46,10 @@ def environment(d) -> list[str]:
     return [f"- {k}: {_fmt(v)}" for k, v in env.items()]
 
 
-def tests(d) -> list[str]:
-    path = os.path.join(d, "tests.xml")
+def tests(d, name: str = "tests") -> list[str]:
+    path = os.path.join(d, f"{name}.xml")
     if not os.path.exists(path):
-        return ["tests.xml missing (the test step did not finish)"]
+        return [f"{name}.xml missing (the step did not run or did not finish)"]
     cases = list(ElementTree.parse(path).getroot().iter("testcase"))
     lines, counts = [], {"passed": 0, "failed": 0, "skipped": 0}
     for c in cases:
@@ -113,6 +113,7 @@ def main() -> int:
     out = [f"# GPU check: {env.get('gpu', 'unknown device')}", "", "## Steps", ""] + steps(d)
     out += ["", "## Environment", ""] + environment(d)
     out += ["", "## Correctness on the GPU (tests/gpu)", ""] + tests(d)
+    out += ["", "## csrc/ CPU tests with the CUDA build of the extension", ""] + tests(d, "csrc_host_tests")
     out += ["", "## Kernels", ""]
     out += kernel_bench(d, "gemm_v3", "Grouped GEMMs bf16, DeepSeek-V3 expert shape") + ratios(d, "gemm_v3", "dense same FLOPs")
     out += [""] + kernel_bench(d, "gemm_rtx", "Grouped GEMMs bf16, consumer-card (moe_rtx) shape") \
