@@ -1,5 +1,5 @@
 """Expert parallelism: the token dispatcher that exchanges (token, expert) rows between the ranks of an
-EP group, so that every rank runs only its own contiguous slice of the routed experts (DESIGN.md §3).
+EP group, so that every rank runs only its own contiguous slice of the routed experts (docs/architecture.md, section 4).
 
     dispatch: layout (csrc)  ->  send buffer (permute, or FP8 permute)  ->  counts, then rows
               (all_to_all_single, uneven splits)  ->  regroup expert-major, padded per expert

@@ -1,4 +1,4 @@
-"""The dsv3 Transformer cut into pipeline stages (DESIGN.md §1: stages are slices of one module list).
+"""The dsv3 Transformer cut into pipeline stages (stages are slices of one module list: docs/architecture.md).
 
 Every rank builds and initializes the whole model (init is by global name), then `cut_model` keeps
 the modules of the stages the schedule puts on it and deletes the others. Parameter names stay
