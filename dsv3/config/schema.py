@@ -1,7 +1,8 @@
 """The typed configuration tree. Every knob is a field here, with its type, default and meaning.
 
 Hydra composes `configs/` on top of these dataclasses (registered in `store.py`), so a misspelt key
-or a wrongly typed value fails at composition; cross-field rules live in `validate.py`.
+or a wrongly typed value fails at composition; cross-field rules live in each package's `config_rules.py`
+(registered in `rules.py`).
 Model field names follow DeepSeek's inference `ModelArgs` wherever a name exists there.
 """
 from dataclasses import dataclass, field
