@@ -5,6 +5,9 @@ The routed experts always run grouped: (token, k) pairs are sorted by expert by 
 and all experts are computed by one grouped GEMM per projection. The default dispatcher is local;
 an expert-parallel plan swaps in one that exchanges rows between ranks. The model never knows which.
 """
+from dataclasses import dataclass, field
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,8 +42,6 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         # b_i of aux-loss-free balancing: adjusted by the trainer after each step, never by gradients.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-        # Tokens routed to each expert since the trainer last read it (training forwards only).
-        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, dim] -> (weights [T, K] fp32, expert indices [T, K], scores [T, E] fp32)."""
@@ -59,8 +60,6 @@ class Gate(nn.Module):
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights * self.route_scale
-        if self.training and torch.is_grad_enabled():
-            self.expert_load += torch.bincount(indices.flatten(), minlength=self.expert_load.numel())
         return weights, indices, scores
 
 
@@ -119,6 +118,31 @@ class LocalTokenDispatcher:
         return (per_token * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)  # not bmm: autocast would make it bf16
 
 
+@dataclass
+class MoEAux:
+    """What the MoE layers of one forward need and report beyond the hidden states, handed to the
+    forward by its caller (the trainer, a pipeline stage) and read back by it: nothing is kept on
+    the modules between forwards.
+
+    balance_coeff: alpha times this forward's share of the step's loss; 0 = no balance loss.
+    loads: tokens routed to each expert, per MoE layer (the module), for the aux-loss-free bias update.
+    balance: the sequence-wise balance losses computed, in forward order (detached, for the log)."""
+
+    balance_coeff: float = 0.0
+    loads: dict["MoE", torch.Tensor] = field(default_factory=dict)
+    balance: list[torch.Tensor] = field(default_factory=list)
+
+    def balance_sum(self, device: torch.device) -> torch.Tensor:
+        return torch.stack([b.to(device, torch.float32) for b in self.balance]).sum() if self.balance else \
+            torch.zeros((), device=device)
+
+
+def add_loads(total: dict["MoE", torch.Tensor], more: dict["MoE", torch.Tensor]) -> None:
+    """Accumulate one forward's expert counts into a step's."""
+    for moe, counts in more.items():
+        total[moe] = total[moe] + counts if moe in total else counts
+
+
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on `y` whose backward also feeds d(coeff * aux)/d(aux) = coeff into `aux`'s graph.
 
@@ -157,20 +181,21 @@ class MoE(nn.Module):
         self.shared_experts = (FeedForward(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
                                if cfg.n_shared_experts > 0 else None)
         self.dispatcher = LocalTokenDispatcher(cfg.n_routed_experts)
-        # alpha times the loss scale of the current micro-batch; set by the trainer. 0 = no balance loss.
-        self.balance_loss_coeff = 0.0
-        self.last_balance_loss = torch.zeros(())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: Optional[MoEAux] = None) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim]. With `aux` (training forwards): count the tokens per expert
+        and, when aux.balance_coeff > 0, add the balance loss to the objective."""
         B, S, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
+        if aux is not None:
+            aux.loads[self] = torch.bincount(indices.flatten(), minlength=scores.shape[-1]).float()
         rows, offsets, state = self.dispatcher.dispatch(flat, indices)
         y = self.dispatcher.combine(self.experts(rows, offsets), weights, state)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        if self.training and self.balance_loss_coeff > 0 and torch.is_grad_enabled():
-            aux = sequence_balance_loss(scores, indices, B, self.n_activated)
-            self.last_balance_loss = aux.detach()
-            y = _AttachAuxLoss.apply(y, aux, self.balance_loss_coeff)
+        if aux is not None and aux.balance_coeff > 0 and torch.is_grad_enabled():
+            balance = sequence_balance_loss(scores, indices, B, self.n_activated)
+            aux.balance.append(balance.detach())
+            y = _AttachAuxLoss.apply(y, balance, aux.balance_coeff)
         return y.view(B, S, D)

@@ -5,6 +5,7 @@ Layers live in a ModuleDict keyed by their global index, so parameter names ("la
 are the same whether a pipeline stage holds all layers or a slice of them.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import nn
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model.mla import MLA
-from dsv3.model.moe import FeedForward, MoE
+from dsv3.model.moe import FeedForward, MoE, MoEAux
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
 
@@ -23,12 +24,14 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = (FeedForward(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers
-                    else MoE(cfg, grouped_gemm))
+        self.is_moe = layer_id >= cfg.n_dense_layers
+        self.ffn = MoE(cfg, grouped_gemm) if self.is_moe else FeedForward(cfg.dim, cfg.inter_dim)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                aux: Optional[MoEAux] = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, aux) if self.is_moe else self.ffn(h))
 
 
 class MTPModule(nn.Module):
@@ -46,13 +49,14 @@ class MTPModule(nn.Module):
         self.block = Block(layer_id, cfg, grouped_gemm)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # before the shared output head
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin)
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                aux: Optional[MoEAux] = None) -> torch.Tensor:
+        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin, aux)
 
 
 @dataclass
 class LossParts:
-    """Unweighted training losses of one micro-batch; the trainer applies lambda (and alpha is in the MoE)."""
+    """Unweighted training losses of one micro-batch; the trainer applies lambda (alpha: `MoEAux`)."""
 
     main: torch.Tensor
     mtp: list[torch.Tensor]
@@ -69,34 +73,36 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg, grouped_gemm) for k in range(cfg.mtp_depth))
         self.rope = RotaryEmbedding(cfg)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, S] -> last hidden state [B, S, dim] before the final norm."""
+    def hidden(self, tokens: torch.Tensor, aux: Optional[MoEAux] = None) -> torch.Tensor:
+        """tokens [B, S] -> last hidden state [B, S, dim] before the final norm. `aux`: what the MoE
+        layers need and report in a training forward (see MoEAux)."""
         cos, sin = self.rope(tokens.shape[1])
         h = self.embed(tokens)
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, aux)
         return h
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, S] -> next-token logits [B, S, vocab]."""
         return self.head(self.norm(self.hidden(tokens)))
 
-    def losses(self, tokens: torch.Tensor, labels: torch.Tensor) -> LossParts:
+    def losses(self, tokens: torch.Tensor, labels: torch.Tensor, aux: Optional[MoEAux] = None) -> LossParts:
         """Cross-entropy of the main head and of every MTP depth. labels[:, i] is the token after tokens[:, i].
 
         Depth k predicts the token k+1 ahead; its sequence is cut by k at the end, where that token is unknown."""
-        h = self.hidden(tokens)
-        return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels))
+        h = self.hidden(tokens, aux)
+        return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels, aux))
 
     def main_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy(self.head(self.norm(h)), labels)
 
-    def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
+                   aux: Optional[MoEAux] = None) -> list[torch.Tensor]:
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             length = tokens.shape[1] - k
             cos, sin = self.rope(length)
-            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin)
+            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin, aux)
             losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:]))
         return losses
 

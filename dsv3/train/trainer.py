@@ -22,6 +22,7 @@ from dsv3.config.schema import Config
 from dsv3.data import GlobalSampler, PackedDataset, shard_directory
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
+from dsv3.model.moe import MoEAux, add_loads
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import apply_parallel_plan
 from dsv3.train import schedules
@@ -129,8 +130,7 @@ class Trainer:
         batch_size = schedules.global_batch_size(st.consumed_samples, t, unit)
         n_micro = batch_size // unit
         lam = schedules.mtp_weight(st.step, t)
-        for moe in self.moe_layers:  # alpha, scaled like the micro-batch's share of the loss
-            moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
+        balance_coeff = t.balance_loss_alpha / n_micro  # alpha, scaled like the micro-batch's share of the loss
         self.model.train()
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
@@ -138,10 +138,11 @@ class Trainer:
             return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
 
         if self.plan.pipeline is not None:
-            # main CE, MTP CE, balance loss of what this rank's stages computed
-            sums = self.plan.pipeline.runner.train_step(micro_batch, n_micro, lam, self.autocast)
+            # main CE, MTP CE, balance loss of what this rank's stages computed; their expert counts
+            sums, loads = self.plan.pipeline.runner.train_step(micro_batch, n_micro, lam, balance_coeff,
+                                                               self.autocast)
         else:
-            sums = self._accumulate(micro_batch, n_micro, lam)
+            sums, loads = self._accumulate(micro_batch, n_micro, lam, balance_coeff)
 
         self.plan.reduce_gradients(self.model)
         grad_norm = self.plan.clip_grad_norm(self.model, cfg.optim.grad_clip)
@@ -154,27 +155,29 @@ class Trainer:
         if finite:  # else the step is not applied (train.on_nonfinite)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t) if finite else 0.0,
-                                       self.plan.sum_router_loads, self.plan.all_layers)
+        balance = update_router_biases(self.moe_layers, loads, schedules.bias_update_speed(st.step, t) if finite
+                                       else 0.0, self.plan.sum_router_loads, self.plan.all_layers)
         st.step += 1
         st.consumed_samples += batch_size
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
                 "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam,
                 "skipped": int(not finite), **balance}
 
-    def _accumulate(self, micro_batch, n_micro: int, lam: float) -> torch.Tensor:
+    def _accumulate(self, micro_batch, n_micro: int, lam: float, balance_coeff: float) -> tuple[torch.Tensor, dict]:
         """Gradient accumulation over the micro-batches (pp = 1); returns the step's [main CE, MTP CE,
-        balance loss] means on this rank."""
-        sums = torch.zeros(3, device=self.env.device)
+        balance loss] means on this rank and its expert counts per MoE layer."""
+        sums, loads = torch.zeros(3, device=self.env.device), {}
         for j in range(n_micro):
             tokens, labels = micro_batch(j)
+            aux = MoEAux(balance_coeff)
             with self.autocast:
-                parts = self.model.losses(tokens, labels)
+                parts = self.model.losses(tokens, labels, aux)
             mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
             ((parts.main + lam * mtp) / n_micro).backward()
-            balance = sum((m.last_balance_loss.to(sums.device) for m in self.moe_layers), torch.zeros_like(sums[0]))
-            sums += torch.stack([parts.main.detach().float(), mtp.detach().float(), balance]) / n_micro
-        return sums
+            add_loads(loads, aux.loads)
+            sums += torch.stack([parts.main.detach().float(), mtp.detach().float(),
+                                 aux.balance_sum(sums.device)]) / n_micro
+        return sums, loads
 
     @torch.no_grad()
     def evaluate(self) -> float:
