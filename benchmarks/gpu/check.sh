@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu/check.sh [--out DIR] [--archive FILE.tgz]     # on a GPU machine
 #   bash benchmarks/gpu/check.sh --dry-run [--out DIR]                # here: every step that can run on a CPU
+#   bash benchmarks/gpu/check.sh --dry-run --quick                    # the same, one case per step (CI's test of this script)
 #
 # Steps, in this order so that an early stop still leaves results (each under its own time limit,
 # a failed step never stops the next): 0 install + build the csrc/ extension for this GPU; 1 the
@@ -13,16 +14,18 @@
 # Everything lands in DIR (JSON, logs, summary.md); --archive re-packs DIR after every step.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-DRY=0 OUT=gpu_check ARCHIVE=""
+DRY=0 QUICK=0 OUT=gpu_check ARCHIVE=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --quick) QUICK=1 ;;
     --out) OUT=$2; shift ;;
     --archive) ARCHIVE=$2; shift ;;
-    *) echo "check.sh: unknown argument $1 (allowed: --dry-run, --out DIR, --archive FILE)" >&2; exit 2 ;;
+    *) echo "check.sh: unknown argument $1 (allowed: --dry-run, --quick, --out DIR, --archive FILE)" >&2; exit 2 ;;
   esac
   shift
 done
+if [ $QUICK = 1 ] && [ $DRY = 0 ]; then echo "check.sh: --quick is a mode of --dry-run" >&2; exit 2; fi
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -53,7 +56,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 command -v nvcc >/dev/null || export PATH=$PATH:/usr/local/cuda/bin
 if [ $DRY = 1 ]; then
   export DSV3_GPU_DRY_RUN=1
-  step build 600 env DSV3_BUILD_CUDA=0 $PY setup.py -q build_ext --inplace
+  if [ $QUICK = 1 ] && $PY -c "import dsv3._dispatch_ext" 2>/dev/null; then
+    echo "== build: skipped (--quick; the host build of the extension is already importable)"
+  else
+    step build 600 env DSV3_BUILD_CUDA=0 $PY setup.py -q build_ext --inplace
+  fi
 else
   ARCH=$($PY -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}' + ('a' if c[0] == 9 else ''))")
   step build 300 env DSV3_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS=$(nproc) $PY setup.py -q build_ext --inplace
@@ -63,7 +70,10 @@ fi
 step env 120 $PY benchmarks/gpu/env.py "$OUT/env.json"
 
 # 2. Correctness on the GPU against CPU results (the dry run: interpreter, small shapes).
-if [ $DRY = 1 ]; then
+if [ $QUICK = 1 ]; then  # one test of each module
+  step tests 300 env TRITON_INTERPRET=1 $PY -m pytest tests/gpu -q -rfE -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+    -k "fwd_dgrad_wgrad_equal_twin and mixed-dtype0 or test_layout_and_permute_are_bit_identical and 1-7 or True-1x128 or bf16_step"
+elif [ $DRY = 1 ]; then
   step tests 900 env TRITON_INTERPRET=1 $PY -m pytest tests/gpu -q -rfE -p no:cacheprovider --junitxml="$OUT/tests.xml"
 else
   step tests 240 $PY -m pytest tests/gpu -q -rfE -p no:cacheprovider --junitxml="$OUT/tests.xml"
@@ -79,7 +89,10 @@ fi
 K=benchmarks/kernels
 V3="--experts 8 32 --tokens 4096 --topk 8 --total-experts 256 --hidden 7168 --inter 2048"
 RTX="--experts 32 --tokens 8192 --topk 4 --total-experts 32 --hidden 1024 --inter 512"
-if [ $DRY = 1 ]; then
+if [ $QUICK = 1 ]; then
+  step fp8_quant 300 env TRITON_INTERPRET=1 $PY $K/fp8_quant.py --check --json "$OUT/fp8_quant.json"
+  step dispatch 120 $PY $K/dispatch.py --device cpu --tokens 64 --hidden 256 --iters 1 --json "$OUT/dispatch.json"
+elif [ $DRY = 1 ]; then
   step gemm_v3 600 env TRITON_INTERPRET=1 $PY $K/grouped_gemm.py --check --json "$OUT/gemm_v3.json"
   step fp8_gemm_v3 600 env TRITON_INTERPRET=1 $PY $K/fp8_grouped_gemm.py --check --json "$OUT/fp8_gemm_v3.json"
   step fp8_quant 600 env TRITON_INTERPRET=1 $PY $K/fp8_quant.py --check --json "$OUT/fp8_quant.json"
@@ -95,7 +108,10 @@ fi
 
 # 4. Training throughput: dsv3 bf16 and FP8 against HF DeepseekV3 bf16, same weights and batch.
 TT=benchmarks/train_throughput.py
-if [ $DRY = 1 ]; then
+if [ $QUICK = 1 ]; then
+  step train_small 300 $PY $TT --experiment moe_tiny --device cpu --precision bf16 --no-hf --mode sequential --steps 1 \
+    --data random --threads 1 --out "$OUT/train_moe_small.json"
+elif [ $DRY = 1 ]; then
   step train_small 600 $PY $TT --experiment moe_tiny --device cpu --precision bf16 fp8 --mode sequential --steps 1 \
     --data random --out "$OUT/train_moe_small.json"
 else

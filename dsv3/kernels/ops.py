@@ -48,6 +48,8 @@ def _triton_problem(device: torch.device, dtype: torch.dtype, fp8: bool) -> str 
                 f"with TRITON_INTERPRET=1 set before Python starts{hint}")
     cap = _capability(device)
     if cap < (8, 0):
+        # Not sm_75 either: Triton (3.9) compiles these kernels for Turing without tensor cores (no HMMA in
+        # the SASS) and with thousands of spill stores; there the per-expert cuBLAS loop is the fast path.
         return f"{device} has compute capability {cap[0]}.{cap[1]}; the Triton grouped GEMMs need 8.0 or newer"
     if fp8 and cap < FP8_MIN_CAPABILITY:
         return f"{device} has compute capability {cap[0]}.{cap[1]}; FP8 tensor cores need 8.9 (Ada) or newer"
