@@ -2,10 +2,11 @@
 and that the model's vocabulary holds every token id they contain."""
 import os
 
+from dsv3.config.errors import ConfigError
 from dsv3.config.rules import one_of, require
 from dsv3.config.schema import Config
 from dsv3.data.shards import read_meta
-from dsv3.data.tokenizer import MIN_BPE_VOCAB, load_tokenizer
+from dsv3.data.tokenizer import MIN_BPE_VOCAB, eos_id, load_tokenizer
 
 SOURCES = ("stdlib", "shards")
 
@@ -20,10 +21,20 @@ def data_rules(cfg: Config, world_size: int) -> None:
     if d.source == "shards":
         require(d.path is not None and os.path.isfile(os.path.join(str(d.path), "meta.json")), "data.path", d.path,
                 "must be a directory written by launch/prepare_data.py (with meta.json)")
-        vocab, where = read_meta(d.path)["vocab_size"], f"the tokenizer of {d.path}"
+        meta = read_meta(d.path)
+        vocab, where = meta["vocab_size"], f"the tokenizer of {d.path}"
+        for split, files in meta.get("splits", {}).items():
+            tokens = sum(f["tokens"] for f in files)
+            require(tokens > d.seq_len, "data.seq_len", d.seq_len,
+                    f"must be < the {tokens} tokens of the {split} split of {d.path} (a sample is seq_len + 1 tokens)")
     elif d.tokenizer is not None:
         require(os.path.isfile(d.tokenizer), "data.tokenizer", d.tokenizer, "must be an existing tokenizer.json")
-        vocab, where = load_tokenizer(d.tokenizer).get_vocab_size(), f"data.tokenizer={d.tokenizer}"
+        tok = load_tokenizer(d.tokenizer)
+        try:
+            eos_id(tok)
+        except ValueError as e:  # every document is followed by an end-of-text token
+            raise ConfigError("data.tokenizer", d.tokenizer, str(e)) from None
+        vocab, where = tok.get_vocab_size(), f"data.tokenizer={d.tokenizer}"
     else:  # a BPE of exactly model.vocab_size tokens is trained on the embedded corpus
         require(m.vocab_size >= MIN_BPE_VOCAB, "model.vocab_size", m.vocab_size,
                 f"must be >= {MIN_BPE_VOCAB} to train the embedded corpus' byte-level BPE (256 bytes, merges, EOS)")

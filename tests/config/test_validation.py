@@ -159,6 +159,10 @@ def test_the_data_vocabulary_must_fit_the_model():
             validate(cfg)
         cfg.model.vocab_size = 1024
         validate(cfg)
+        with open(os.path.join(shards, "meta.json"), "w") as f:  # a corpus too short for one sample
+            json.dump({"vocab_size": 1000, "splits": {"train": [{"tokens": 64}], "val": [{"tokens": 500}]}}, f)
+        with pytest.raises(ConfigError, match="data.seq_len=128: must be < the 64 tokens of the train split"):
+            validate(cfg)
     cfg = Config()
     cfg.model.vocab_size = 200  # the embedded corpus' BPE is trained with model.vocab_size entries
     with pytest.raises(ConfigError, match="model.vocab_size=200: must be >= 258"):
