@@ -27,8 +27,9 @@ def setup_logging(run_dir: str | None = None) -> None:
                         datefmt="%H:%M:%S")
 
 
-def exit_on_config_error(e: ConfigError) -> None:
-    """Print the one line naming the key, the value and what is allowed (once per job), exit 2."""
+def exit_on_config_error(e: Exception) -> None:
+    """Print the one line of a config error (the key, the value and what is allowed) or of a checkpoint
+    that cannot be used, once per job, and exit 2."""
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -33,12 +33,13 @@ def main(dcfg: DictConfig) -> None:
     setup_logging(run_dir)
 
     from dsv3.parallel.mesh import init_env
+    from dsv3.train.checkpoint import CheckpointError
     from dsv3.train.trainer import train
 
     env = init_env(cfg.train.device)
     try:
         train(cfg, run_dir, env)
-    except ConfigError as e:  # what only the run's files can tell (the checkpoint to resume), before any step
+    except (ConfigError, CheckpointError) as e:  # what only the run's files can tell, before any step
         exit_on_config_error(e)
     except KeyboardInterrupt:  # a second Ctrl-C, or Ctrl-C with checkpoint.on_signal=false
         logging.getLogger("dsv3").warning("interrupted: the step in progress is abandoned, nothing saved")

@@ -233,8 +233,9 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
         try:
             rng = torch.load(rng_file, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{rng_file} holds more than RNG states (refused by weights_only "
-                                  f"loading): {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"{rng_file} holds more than RNG states (refused by weights_only loading: "
+                                  f"{str(e).splitlines()[0]}); if an older dsv3 wrote it (numpy arrays), delete "
+                                  f"the checkpoint's rng_rank*.pt files to resume without its RNG streams") from None
         _set_rng_state(rng)
     else:
         log.warning("%s has no RNG state for rank %d (saved with fewer ranks); RNG streams restart", path, rank)
