@@ -116,3 +116,35 @@ def test_rng_states_are_restored_from_tensors(tmp_path, saved):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     load_checkpoint(path, m, opt)
     assert (random.random(), np.random.normal(), torch.rand(1)) == expected
+
+
+def manifest_worker(rank: int, world: int, directory: str) -> list[list[str]]:
+    """Two ranks share the hashing: the manifest lists every file once, and a byte changed in a file
+    that only the other rank hashes is still reported on both."""
+    import torch.distributed as dist
+
+    from dsv3.train.manifest import read_manifest, write_manifest
+
+    if rank == 0:
+        for i in range(5):
+            with open(os.path.join(directory, f"part_{i}.bin"), "wb") as f:
+                f.write(bytes([i]) * (1000 + i))
+    dist.barrier()
+    write_manifest(directory)
+    dist.barrier()
+    assert sorted(read_manifest(directory)) == [f"part_{i}.bin" for i in range(5)]
+    intact = verify(directory)
+    dist.barrier()
+    if rank == 0:  # sorted files are hashed round-robin: part_1 and part_3 are rank 1's
+        with open(os.path.join(directory, "part_3.bin"), "r+b") as f:
+            f.write(b"\xff")
+    dist.barrier()
+    return [intact, verify(directory)]
+
+
+def test_ranks_share_the_hashing_and_agree_on_the_damage(tmp_path):
+    from tests.parallel.distributed_testing import run_ranks
+
+    results = run_ranks(manifest_worker, 2, str(tmp_path))
+    damaged = ["part_3.bin has the right size but not the manifest's SHA-256 (its bytes changed)"]
+    assert results == [[[], damaged], [[], damaged]]
