@@ -76,9 +76,13 @@ setup(
         "tensorboard>=2.14",
     ],
     extras_require={
+        # reading .parquet and saved `datasets` directories (pyarrow), .zst files (zstandard) in prepare_data
+        "data": ["pyarrow>=14", "zstandard>=0.22"],
         # triton: the kernels are tested compiled with 3.6 (on an H200) and interpreted with 3.6 and 3.9;
         # 3.6's interpreter needs numpy < 2.4 (see docs/gpu.md).
-        "test": ["pytest>=8", "transformers>=4.57", "triton>=3.6", "matplotlib>=3.7"],
+        # datasets: the tests write real `save_to_disk` directories for prepare_data to read
+        "test": ["pytest>=8", "transformers>=4.57", "triton>=3.6", "matplotlib>=3.7", "pyarrow>=14",
+                 "zstandard>=0.22", "datasets>=2.14"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
     },
     ext_modules=[dispatch_extension()],

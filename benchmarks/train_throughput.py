@@ -102,7 +102,7 @@ class OursStep:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with self.autocast:
-            parts = self.model.losses(batch[:, :-1], batch[:, 1:], MoEAux(balance_coeff=1e-4))
+            parts = self.model.losses(batch[:, :-1], batch[:, 1:], aux=MoEAux(balance_coeff=1e-4))
             loss = parts.main + (0.3 * torch.stack(parts.mtp).mean() if parts.mtp else 0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     if data == "corpus":
         dataset = PackedDataset(shard_directory(DataConfig(), cfg.vocab_size), "train", seq_len)
         sampler = GlobalSampler(len(dataset), 0)
-        batches = [dataset.batch(sampler(i * batch_size, batch_size)) for i in range(n_batches)]
+        batches = [dataset.batch(sampler(i * batch_size, batch_size)).tokens for i in range(n_batches)]
     else:
         g = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=g) for _ in range(n_batches)]

@@ -164,6 +164,18 @@ class OptimConfig:
 
 
 @dataclass
+class BlendEntry:
+    """One corpus of a `data.blend`."""
+
+    path: Optional[str] = None
+    """Directory of shards written by `launch/prepare_data.py` (required)."""
+    weight: float = 1.0
+    """Relative share of the training samples (the weights are normalized by their sum)."""
+    name: Optional[str] = None
+    """Names the corpus in logs and metrics; default: the directory's name."""
+
+
+@dataclass
 class DataConfig:
     """Where tokens come from and how they are cut into training sequences."""
 
@@ -181,6 +193,16 @@ class DataConfig:
     """Share of the embedded corpus' documents held out for validation (chosen by path hash)."""
     cache_dir: Optional[str] = None
     """Where the embedded corpus' tokenizer and token shards are cached; default ~/.cache/dsv3."""
+    blend: list[BlendEntry] = field(default_factory=list)
+    """`source=shards` from several directories mixed by weight, instead of `path`:
+    `data.blend=[{path: data/web, weight: 0.7}, {path: data/code, weight: 0.3}]`. Deterministic by
+    global sample index (plan-independent, exactly resumable); every corpus' epochs and the realized
+    mixture are in the metrics (`data/epoch/<name>`, `data/share/<name>`)."""
+    fim_rate: float = 0.0
+    """Share of training documents rearranged for Fill-in-Middle, PSM order (V3 §4.1: 0.1); 0 = off."""
+    document_masks: bool = False
+    """Attention stays inside each packed document (tokens never attend across a document boundary);
+    default off: causal attention over the whole sequence, as in the V3 report. The loss is the same."""
 
 
 @dataclass

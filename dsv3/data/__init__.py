@@ -1,16 +1,18 @@
-"""Data: corpora, tokenizer, token shards, packed samples and the resumable sampler."""
-from dsv3.config.schema import DataConfig
-from dsv3.data.dataset import GlobalSampler, PackedDataset
-from dsv3.data.embedded import stdlib_shards
-from dsv3.data.shards import read_meta
+"""Data: corpora, tokenizer, token shards, packed samples, blends, Fill-in-Middle and the resumable sampler.
+
+Importing the package is light (no torch): `launch/prepare_data.py` and its worker processes need only
+the preparation modules. The training-side names below load on first use.
+"""
+import importlib
+
+_LAZY = {"Batch": "dataset", "GlobalSampler": "dataset", "PackedDataset": "dataset", "Blend": "blend",
+         "Fim": "fim", "read_meta": "shards", "build_data": "loading", "shard_directory": "loading"}
 
 
-def shard_directory(cfg: DataConfig, vocab_size: int) -> str:
-    """Where the run's shards are: prepared by the user, or the embedded corpus (built on first use)."""
-    directory = stdlib_shards(cfg, vocab_size) if cfg.source == "stdlib" else cfg.path
-    # dsv3/data/config_rules.py refuses a vocabulary larger than the model's before any work
-    assert read_meta(directory)["vocab_size"] <= vocab_size, (directory, vocab_size)
-    return directory
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"dsv3.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'dsv3.data' has no attribute {name!r}")
 
 
-__all__ = ["GlobalSampler", "PackedDataset", "read_meta", "shard_directory"]
+__all__ = sorted(_LAZY)

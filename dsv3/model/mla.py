@@ -31,7 +31,10 @@ class MLA(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: None for causal attention over the whole sequence, or a [B, 1, S, S] boolean mask
+        (True = may attend), e.g. `document_mask`."""
         B, S, _ = x.shape
         q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, S, self.n_heads, -1)
@@ -51,7 +54,15 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_head_dim
         if pad > 0:
             v = F.pad(v, (0, pad))
-        # Packed documents attend causally across document boundaries, as in the V3 report.
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=self.softmax_scale)
+        # By default packed documents attend causally across document boundaries, as in the V3 report.
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=mask is None, scale=self.softmax_scale)
         return self.wo(o[..., :self.v_head_dim].transpose(1, 2).reshape(B, S, -1))
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """[B, S] document numbers -> [B, 1, S, S] boolean mask: causal, and only within a token's own document.
+    (No position reset is needed: RoPE scores depend on relative positions only.)"""
+    S = documents.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=documents.device).tril()
+    return (documents[:, None, :, None] == documents[:, None, None, :]) & causal

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config.schema import ModelConfig
-from dsv3.model.mla import MLA
+from dsv3.model.mla import MLA, document_mask
 from dsv3.model.moe import FeedForward, MoE, MoEAux
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
@@ -28,8 +28,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, grouped_gemm) if self.is_moe else FeedForward(cfg.dim, cfg.inter_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                aux: Optional[MoEAux] = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+                mask: torch.Tensor | None = None, aux: Optional[MoEAux] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         h = self.ffn_norm(x)
         return x + (self.ffn(h, aux) if self.is_moe else self.ffn(h))
 
@@ -50,8 +50,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # before the shared output head
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                aux: Optional[MoEAux] = None) -> torch.Tensor:
-        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin, aux)
+                mask: torch.Tensor | None = None, aux: Optional[MoEAux] = None) -> torch.Tensor:
+        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin, mask, aux)
 
 
 @dataclass
@@ -73,36 +73,41 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg, grouped_gemm) for k in range(cfg.mtp_depth))
         self.rope = RotaryEmbedding(cfg)
 
-    def hidden(self, tokens: torch.Tensor, aux: Optional[MoEAux] = None) -> torch.Tensor:
-        """tokens [B, S] -> last hidden state [B, S, dim] before the final norm. `aux`: what the MoE
-        layers need and report in a training forward (see MoEAux)."""
+    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None,
+               aux: Optional[MoEAux] = None) -> torch.Tensor:
+        """tokens [B, S] -> last hidden state [B, S, dim] before the final norm. `documents` [B, S]: the
+        document number of each token, to keep attention inside documents; None: causal over the sequence.
+        `aux`: what the MoE layers need and report in a training forward (see MoEAux)."""
         cos, sin = self.rope(tokens.shape[1])
+        mask = None if documents is None else document_mask(documents)
         h = self.embed(tokens)
         for layer in self.layers.values():
-            h = layer(h, cos, sin, aux)
+            h = layer(h, cos, sin, mask, aux)
         return h
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> next-token logits [B, S, vocab]."""
-        return self.head(self.norm(self.hidden(tokens)))
+        return self.head(self.norm(self.hidden(tokens, documents)))
 
-    def losses(self, tokens: torch.Tensor, labels: torch.Tensor, aux: Optional[MoEAux] = None) -> LossParts:
+    def losses(self, tokens: torch.Tensor, labels: torch.Tensor, documents: torch.Tensor | None = None,
+               aux: Optional[MoEAux] = None) -> LossParts:
         """Cross-entropy of the main head and of every MTP depth. labels[:, i] is the token after tokens[:, i].
 
         Depth k predicts the token k+1 ahead; its sequence is cut by k at the end, where that token is unknown."""
-        h = self.hidden(tokens, aux)
-        return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels, aux))
+        h = self.hidden(tokens, documents, aux)
+        return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels, documents, aux))
 
     def main_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return cross_entropy(self.head(self.norm(h)), labels)
 
     def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                   aux: Optional[MoEAux] = None) -> list[torch.Tensor]:
+                   documents: torch.Tensor | None = None, aux: Optional[MoEAux] = None) -> list[torch.Tensor]:
         losses = []
         for k, module in enumerate(self.mtp, start=1):
             length = tokens.shape[1] - k
             cos, sin = self.rope(length)
-            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin, aux)
+            mask = None if documents is None else document_mask(documents[:, :length])
+            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin, mask, aux)
             losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:]))
         return losses
 

@@ -114,7 +114,7 @@ class StageBody(nn.Module):
             h = self.embed(x) if self.embed is not None else x
             cos, sin = self.rope(h.shape[1])
             for layer in self.layers.values():
-                h = layer(h, cos, sin, aux)
+                h = layer(h, cos, sin, aux=aux)
         self.ctx.record(aux, h.device)
         return h
 
@@ -136,7 +136,7 @@ class HeadLoss(nn.Module):
         aux = self.ctx.forward_aux(self)
         with self.ctx.autocast:
             main = model.main_loss(h, labels)
-            mtp_losses = model.mtp_losses(h, tokens, labels, aux)
+            mtp_losses = model.mtp_losses(h, tokens, labels, aux=aux)
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else torch.zeros((), device=h.device)
         if aux is not None:
             self.ctx.main.append(main.detach().float())

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from dsv3 import exit_codes
 from dsv3.config.schema import Config
-from dsv3.data import GlobalSampler, PackedDataset, shard_directory
+from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
 from dsv3.model.moe import MoEAux, add_loads
@@ -69,12 +69,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         resume = checkpoint_to_resume(cfg)  # verified, its config compared: before any work
 
-        shards = shard_directory(cfg.data, cfg.model.vocab_size)
-        tokenizer = os.path.join(shards, "tokenizer.json")
+        # global sample index -> sample, over one corpus or a weighted blend (stateless: resumable exactly)
+        self.train_data, self.val_data = build_data(cfg.data, cfg.model.vocab_size, t.seed)
+        # every corpus of a blend has the same tokenizer (validated): each checkpoint carries it, for the export
+        tokenizer = os.path.join(self.train_data.corpora[0].directory, "tokenizer.json")
         self.tokenizer = tokenizer if os.path.isfile(tokenizer) else None
-        self.train_data = PackedDataset(shards, "train", cfg.data.seq_len)
-        self.val_data = PackedDataset(shards, "val", cfg.data.seq_len)
-        self.sampler = GlobalSampler(len(self.train_data), t.seed)
 
         self.model = build_model(cfg, env.device)
         if resume is None and cfg.checkpoint.init_from is not None:
@@ -102,6 +101,9 @@ class Trainer:
                      "samples of %d tokens; device %s, %s, world size %d", n_params / 1e6, self.plan.global_moe_layers(self.model),
                      len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype,
                      env.world_size)
+            log.info("data: %s%s%s", self.train_data.describe(),
+                     f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
+                     "; attention masked at document boundaries" if cfg.data.document_masks else "")
 
     # -- state -------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -120,9 +122,12 @@ class Trainer:
         raise SystemExit(exit_codes.DIVERGED)
 
     # -- steps -------------------------------------------------------------------------------------------
-    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.train_data.batch(self.sampler(first, count)).to(self.env.device)
-        return batch[:, :-1], batch[:, 1:]
+    def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Inputs, labels and (with data.document_masks) the inputs' document numbers."""
+        batch = self.train_data.batch(range(first, first + count))
+        tokens = batch.tokens.to(self.env.device)
+        docs = None if batch.documents is None else batch.documents[:, :-1].to(self.env.device)
+        return tokens[:, :-1], tokens[:, 1:], docs
 
     def train_step(self) -> dict:
         cfg, t, st = self.cfg, self.cfg.train, self.state
@@ -134,13 +139,14 @@ class Trainer:
         self.model.train()
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
-        def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
 
         if self.plan.pipeline is not None:
             # main CE, MTP CE, balance loss of what this rank's stages computed; their expert counts
-            sums, loads = self.plan.pipeline.runner.train_step(micro_batch, n_micro, lam, balance_coeff,
-                                                               self.autocast)
+            # (validation refuses document masks with pipelines: the stages get tokens and labels only)
+            sums, loads = self.plan.pipeline.runner.train_step(lambda j: micro_batch(j)[:2], n_micro, lam,
+                                                               balance_coeff, self.autocast)
         else:
             sums, loads = self._accumulate(micro_batch, n_micro, lam, balance_coeff)
 
@@ -159,19 +165,20 @@ class Trainer:
                                        else 0.0, self.plan.sum_router_loads, self.plan.all_layers)
         st.step += 1
         st.consumed_samples += batch_size
+        data = self.train_data.report(st.consumed_samples - batch_size, st.consumed_samples, st.step)
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
                 "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam,
-                "skipped": int(not finite), **balance}
+                "skipped": int(not finite), **balance, **data}
 
     def _accumulate(self, micro_batch, n_micro: int, lam: float, balance_coeff: float) -> tuple[torch.Tensor, dict]:
         """Gradient accumulation over the micro-batches (pp = 1); returns the step's [main CE, MTP CE,
         balance loss] means on this rank and its expert counts per MoE layer."""
         sums, loads = torch.zeros(3, device=self.env.device), {}
         for j in range(n_micro):
-            tokens, labels = micro_batch(j)
+            tokens, labels, documents = micro_batch(j)
             aux = MoEAux(balance_coeff)
             with self.autocast:
-                parts = self.model.losses(tokens, labels, aux)
+                parts = self.model.losses(tokens, labels, documents, aux)
             mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
             ((parts.main + lam * mtp) / n_micro).backward()
             add_loads(loads, aux.loads)
@@ -192,12 +199,14 @@ class Trainer:
             chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
-            batch = self.val_data.batch(chunk or [0]).to(self.env.device)  # [0]: a filler, not counted
+            data = self.val_data.batch(chunk or [0])  # [0]: a filler, not counted
+            batch = data.tokens.to(self.env.device)
             if self.plan.pipeline is not None:  # the loss is known on the last stage's rank only
                 loss = self.plan.pipeline.runner.forward_loss(batch[:, :-1], batch[:, 1:], self.autocast)
             else:
+                docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
                 with self.autocast:
-                    loss = self.model.main_loss(self.model.hidden(batch[:, :-1]), batch[:, 1:])
+                    loss = self.model.main_loss(self.model.hidden(batch[:, :-1], docs), batch[:, 1:])
             if chunk and loss is not None:
                 total += torch.stack([loss.float() * batch.shape[0], loss.new_tensor(float(batch.shape[0]))])
         all_reduce_sum(total)

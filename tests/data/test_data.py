@@ -66,7 +66,7 @@ def test_training_runs_on_prepared_shards(tmp_path):
 
 def test_the_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
     """Document ids are relative to the input given: the same corpus in two places splits alike."""
-    from dsv3.data.corpus import file_documents
+    from dsv3.data.sources import file_documents
     from dsv3.data.shards import is_validation
 
     here, there = make_corpus(str(tmp_path / "here")), make_corpus(str(tmp_path / "elsewhere" / "deeper"))
@@ -90,6 +90,9 @@ def test_packing_cuts_consecutive_windows_with_the_next_token(tmp_path):
 
         def save(self, path):
             open(path, "w").write("{}")
+
+        def to_str(self):
+            return "toy"
 
     docs = [(f"d{i}", "123456789"[: 3 + i % 7]) for i in range(12)]
     write_shards(str(tmp_path / "s"), docs, Toy(), val_fraction=0.3)

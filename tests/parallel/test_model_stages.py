@@ -52,7 +52,7 @@ def test_stages_run_in_order_are_the_model(schedule, pp):
     labels = torch.randint(0, CFG.vocab_size, (2, 16))
     whole = _model()
     aux = MoEAux(COEFF)
-    parts = whole.losses(tokens, labels, aux)
+    parts = whole.losses(tokens, labels, aux=aux)
     ((parts.main + LAMBDA * torch.stack(parts.mtp).mean())).backward()
 
     layout = StageLayout(schedule, pp, CFG.n_layers, CFG.mtp_depth)
