@@ -165,7 +165,7 @@ def test_the_data_vocabulary_must_fit_the_model():
             validate(cfg)
     cfg = Config()
     cfg.model.vocab_size = 200  # the embedded corpus' BPE is trained with model.vocab_size entries
-    with pytest.raises(ConfigError, match="model.vocab_size=200: must be >= 258"):
+    with pytest.raises(ConfigError, match="model.vocab_size=200: must be >= 261"):
         validate(cfg)
 
 
