@@ -24,11 +24,9 @@ def agree_on_step(sums: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Te
 @torch.no_grad()
 def model_is_finite(model: nn.Module, device: torch.device) -> bool:
     """Whether every rank's parameters and buffers are all finite. A collective."""
-    bad = torch.zeros(1, device=device)
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            bad += 1
-            break
+    finite = [torch.isfinite(t).all() for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
+    # one host sync for the whole model, not one per tensor
+    bad = (~torch.stack(finite)).sum().float().reshape(1).to(device) if finite else torch.zeros(1, device=device)
     return all_reduce_sum(bad).item() == 0
 
 
