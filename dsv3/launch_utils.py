@@ -42,6 +42,7 @@ def exit_on_config_error(e: Exception) -> None:
 def validate_or_exit(cfg: Config) -> None:
     """Validate before any work; a config error ends the process with exit code 2."""
     try:
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validate(cfg, world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     except ConfigError as e:
         exit_on_config_error(e)

@@ -1,7 +1,7 @@
 """The one registry of configuration rules, and the helpers they are written with.
 
 Each package states the rules of its own keys in its `config_rules.py`: a tuple `RULES` of functions
-`rule(cfg, world_size)` that raise `ConfigError` naming the first offending key, the value and what
+`rule(cfg, world)` that raise `ConfigError` naming the first offending key, the value and what
 is allowed. `dsv3.config.validate` runs every package's rules, in `RULE_MODULES` order, once, before
 any process does work; the launcher prints the one line and exits 2. What a rule guarantees, the
 code that runs later asserts instead of checking again.
@@ -10,6 +10,7 @@ No import cycle: a package's rules import this leaf module (and `errors`), never
 the validator imports them by name only when it runs.
 """
 import importlib
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from dsv3.config.errors import ConfigError
@@ -24,7 +25,17 @@ RULE_MODULES = (
     "dsv3.kernels.config_rules",    # kernels.*: the implementation asked for runs on this device
 )
 
-Rule = Callable[[Any, int], None]  # (the Config, the world size)
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes the run will have (torchrun's WORLD_SIZE and LOCAL_WORLD_SIZE)."""
+
+    size: int = 1
+    local_size: int = 1  # ranks per node
+
+
+Rule = Callable[[Any, World], None]  # (the Config, the world)
 
 
 def registered_rules() -> list[Rule]:

@@ -5,7 +5,7 @@ import os
 from typing import Any
 
 from dsv3.config.errors import ConfigError
-from dsv3.config.rules import one_of, require
+from dsv3.config.rules import World, one_of, require
 from dsv3.config.schema import Config
 from dsv3.data.shards import read_meta
 from dsv3.data.tokenizer import ensure_fim_tokens, eos_id, load_tokenizer, min_bpe_vocab
@@ -46,7 +46,7 @@ def _corpora(cfg: Config) -> dict[str, dict]:
     return metas
 
 
-def data_rules(cfg: Config, world_size: int) -> None:
+def data_rules(cfg: Config, world: World) -> None:
     d, m = cfg.data, cfg.model
     one_of("data.source", d.source, SOURCES)
     require(d.seq_len > 0, "data.seq_len", d.seq_len, "must be > 0")

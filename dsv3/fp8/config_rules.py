@@ -3,6 +3,7 @@ registered in dsv3/config/rules.py."""
 import math
 
 from dsv3.config.errors import ConfigError
+from dsv3.config.rules import World
 from dsv3.config.schema import Config
 from dsv3.fp8.recipe import ROLES
 from dsv3.kernels.fp8_format import DEFAULT_AMAX_FLOOR, FP8_MIN_CAPABILITY
@@ -15,7 +16,7 @@ def _uses_cuda(cfg: Config) -> bool:
     return cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
 
 
-def fp8_rules(cfg: Config, world_size: int) -> None:
+def fp8_rules(cfg: Config, world: World) -> None:
     """precision.dtype=fp8: a device that can run it (CPU emulates; CUDA needs 8.9+) and valid options."""
     if cfg.precision.dtype != "fp8":
         return

@@ -1,12 +1,12 @@
 """Config rules of the kernels (`kernels.*`), registered in dsv3/config/rules.py: the implementation
 asked for exists and can run on this device (no silent fallback)."""
 from dsv3.config.errors import ConfigError
-from dsv3.config.rules import one_of
+from dsv3.config.rules import World, one_of
 from dsv3.config.schema import Config
 from dsv3.kernels.ops import GROUPED_GEMM_IMPLS, resolve_grouped_gemm_impl
 
 
-def grouped_gemm_rules(cfg: Config, world_size: int) -> None:
+def grouped_gemm_rules(cfg: Config, world: World) -> None:
     import torch
 
     one_of("kernels.grouped_gemm", cfg.kernels.grouped_gemm, GROUPED_GEMM_IMPLS)

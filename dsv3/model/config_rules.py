@@ -1,5 +1,5 @@
 """Config rules of the model (`model.*`), registered in dsv3/config/rules.py."""
-from dsv3.config.rules import one_of, positive, require
+from dsv3.config.rules import World, one_of, positive, require
 from dsv3.config.schema import Config, ModelConfig
 
 SCORE_FUNCS = ("sigmoid", "softmax")  # the router's affinity (moe.Gate)
@@ -45,7 +45,7 @@ def check_model(m: ModelConfig) -> None:
                 f"YaRN supports at most model.original_seq_len * model.rope_factor = {limit} positions")
 
 
-def model_rules(cfg: Config, world_size: int) -> None:
+def model_rules(cfg: Config, world: World) -> None:
     check_model(cfg.model)
 
 

@@ -1,7 +1,7 @@
 """Config rules of the parallel plan (`parallel.*`) and of how the global batch splits over it, registered in
 dsv3/config/rules.py. The world is pp x dp ranks; expert parallelism lives inside the dp ranks."""
 from dsv3.config.errors import ConfigError
-from dsv3.config.rules import one_of, require
+from dsv3.config.rules import World, one_of, require
 from dsv3.config.schema import Config
 from dsv3.parallel.pipeline.config import SCHEDULE_NAMES, validate_pipeline
 
@@ -11,7 +11,7 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // p.pp if p.dp == -1 else p.dp
 
 
-def pipeline_rules(cfg: Config, world_size: int) -> None:
+def pipeline_rules(cfg: Config, world: World) -> None:
     """The pipeline rules that need no batch split (the schedule's own rules first, where
     `parallel.microbatches` is given; with -1 they run in `micro_batch_rules`)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -26,18 +26,25 @@ def pipeline_rules(cfg: Config, world_size: int) -> None:
                 "must be 0 with parallel.pp > 1: the schedule is built for a fixed number of micro-batches")
         if p.microbatches != -1:
             validate_pipeline(p.pp, p.pp_schedule, p.microbatches, m.n_layers)
-    require(world_size % p.pp == 0, "parallel.pp", p.pp,
-            f"must divide the world size ({world_size}): the world is pp x dp ranks")
-    dp = data_parallel_size(cfg, world_size)
-    require(dp >= 1 and dp * p.pp == world_size, "parallel.dp", p.dp,
-            f"dp * pp must equal the world size ({world_size}); -1 infers dp")
+    require(world.size % p.pp == 0, "parallel.pp", p.pp,
+            f"must divide the world size ({world.size}): the world is pp x dp ranks")
+    dp = data_parallel_size(cfg, world.size)
+    require(dp >= 1 and dp * p.pp == world.size, "parallel.dp", p.dp,
+            f"dp * pp must equal the world size ({world.size}); -1 infers dp")
 
 
-def expert_parallel_rules(cfg: Config, world_size: int) -> None:
+def expert_parallel_rules(cfg: Config, world: World) -> None:
     """EP splits every MoE layer's experts into `ep` contiguous slices over consecutive dp ranks."""
+    from dsv3.parallel.ep_transport import TRANSPORTS
+
     m, p = cfg.model, cfg.parallel
-    dp = data_parallel_size(cfg, world_size)
+    dp = data_parallel_size(cfg, world.size)
     require(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    one_of("parallel.ep_transport", p.ep_transport, TRANSPORTS)
+    # torchrun numbers ranks node by node, and an EP group is ep consecutive ranks from a multiple of ep.
+    require(p.ep == 1 or p.ep_transport != "direct" or world.local_size % p.ep == 0, "parallel.ep_transport",
+            p.ep_transport, f"direct needs every EP group ({p.ep} consecutive ranks) inside one node, but a node "
+            f"runs {world.local_size} ranks (LOCAL_WORLD_SIZE); use all_to_all or auto across nodes")
     require(m.n_routed_experts % p.ep == 0, "parallel.ep", p.ep,
             f"must divide model.n_routed_experts ({m.n_routed_experts}): each rank holds an equal slice")
     require(dp % p.ep == 0, "parallel.ep", p.ep,
@@ -53,11 +60,11 @@ def expert_parallel_rules(cfg: Config, world_size: int) -> None:
                 "the ranks holding them (node-limited routing)")
 
 
-def batch_split_rules(cfg: Config, world_size: int) -> None:
+def batch_split_rules(cfg: Config, world: World) -> None:
     """The global batch splits into equal micro-batches over the dp ranks; parallel.microbatches is the
     number of micro-batches of the full global batch per dp rank."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    dp = data_parallel_size(cfg, world_size)
+    dp = data_parallel_size(cfg, world.size)
     require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "must be > 0")
     unit = t.micro_batch_size * dp
     require(t.global_batch_size > 0 and t.global_batch_size % unit == 0, "train.global_batch_size",

@@ -3,7 +3,7 @@ in dsv3/config/rules.py. Checkpoints the config names are checked here too: thei
 the manifest; the checksums when the ranks load them) and, for `checkpoint.init_from`, the architecture."""
 import os
 
-from dsv3.config.rules import one_of, require
+from dsv3.config.rules import World, one_of, require
 from dsv3.config.schema import Config
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -11,7 +11,7 @@ DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("skip", "stop")
 
 
-def precision_and_optim_rules(cfg: Config, world_size: int) -> None:
+def precision_and_optim_rules(cfg: Config, world: World) -> None:
     from dsv3.train.optim import DTYPES
 
     one_of("precision.dtype", cfg.precision.dtype, PRECISIONS)
@@ -30,7 +30,7 @@ def precision_and_optim_rules(cfg: Config, world_size: int) -> None:
                 "must be a list of [steps, lr] pairs")
 
 
-def train_rules(cfg: Config, world_size: int) -> None:
+def train_rules(cfg: Config, world: World) -> None:
     t = cfg.train
     require(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
     require(t.log_every > 0, "train.log_every", t.log_every, "must be > 0")
@@ -50,7 +50,7 @@ def train_rules(cfg: Config, world_size: int) -> None:
 
         # One GPU per local rank (torchrun's LOCAL_WORLD_SIZE): more ranks than GPUs would put two ranks
         # on one device, where NCCL refuses to run (or index a device that does not exist).
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local_ranks = world.local_size
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         require(gpus == 0 or local_ranks <= gpus, "train.device", t.device,
                 f"{local_ranks} ranks on this node but {gpus} visible GPU(s): one GPU per rank; start at most "
@@ -66,7 +66,7 @@ def _checkpoint_files(key: str, path: str) -> None:
     require(not problems, key, path, f"is damaged: {'; '.join(problems[:3])}")
 
 
-def checkpoint_rules(cfg: Config, world_size: int) -> None:
+def checkpoint_rules(cfg: Config, world: World) -> None:
     t, c = cfg.train, cfg.checkpoint
     if t.resume not in ("auto", "none"):
         require(os.path.isdir(t.resume), "train.resume", t.resume, "must be auto, none or an existing checkpoint")
