@@ -20,6 +20,7 @@ RULE_MODULES = (
     "dsv3.model.config_rules",      # model.*
     "dsv3.data.config_rules",       # data.*, and the data's vocabulary against model.vocab_size
     "dsv3.train.config_rules",      # precision.dtype, optim.*, train.*, checkpoint.*
+    "dsv3.rl.config_rules",         # tasks.*, rewards, sft.* (post-training)
     "dsv3.parallel.config_rules",   # parallel.*, and how the batch splits over the plan
     "dsv3.fp8.config_rules",        # precision.fp8.* and the device FP8 needs
     "dsv3.kernels.config_rules",    # kernels.*: the implementation asked for runs on this device

@@ -20,8 +20,6 @@ def pipeline_rules(cfg: Config, world: World) -> None:
     require(p.microbatches == -1 or p.microbatches >= 1, "parallel.microbatches", p.microbatches,
             "must be >= 1, or -1 to derive it from the batch sizes")
     if p.pp > 1:
-        require(p.ep == 1, "parallel.ep", p.ep,
-                "must be 1 with parallel.pp > 1: expert parallelism inside pipeline stages is not supported yet")
         require(t.batch_ramp_start == 0, "train.batch_ramp_start", t.batch_ramp_start,
                 "must be 0 with parallel.pp > 1: the schedule is built for a fixed number of micro-batches")
         if p.microbatches != -1:
@@ -48,7 +46,8 @@ def expert_parallel_rules(cfg: Config, world: World) -> None:
     require(m.n_routed_experts % p.ep == 0, "parallel.ep", p.ep,
             f"must divide model.n_routed_experts ({m.n_routed_experts}): each rank holds an equal slice")
     require(dp % p.ep == 0, "parallel.ep", p.ep,
-            f"must divide the data-parallel size ({dp}): EP groups are made of data-parallel ranks")
+            f"must divide the data-parallel size ({dp} = world size / parallel.pp): EP groups are made of "
+            "the data-parallel ranks of each pipeline stage")
     require(p.expert_align >= 1, "parallel.expert_align", p.expert_align, "must be >= 1 (1 = no padding)")
     if p.ep > 1 and m.n_expert_groups > 1:
         # Node-limited routing (V3 §2.1.2): a token uses experts of at most n_limited_groups groups. With
@@ -58,6 +57,21 @@ def expert_parallel_rules(cfg: Config, world: World) -> None:
         require(g % p.ep == 0 or p.ep % g == 0, "model.n_expert_groups", g,
                 f"must be a multiple or a divisor of parallel.ep ({p.ep}), so that expert groups align with "
                 "the ranks holding them (node-limited routing)")
+
+
+def overlap_rules(cfg: Config, world: World) -> None:
+    """parallel.overlap=true needs something to overlap: expert all-to-alls inside F&B pairs."""
+    from dsv3.parallel.pipeline.config import PAIR_SCHEDULES
+
+    p = cfg.parallel
+    if p.overlap is not True:
+        return
+    require(p.ep > 1, "parallel.overlap", p.overlap,
+            f"true needs expert parallelism (parallel.ep > 1; got {p.ep}): it hides the expert all-to-alls; "
+            "use false or null")
+    require(p.pp == 1 or p.pp_schedule in PAIR_SCHEDULES, "parallel.overlap", p.overlap,
+            f"true needs F&B pairs: parallel.pp=1 (accumulation pairs) or parallel.pp_schedule one of "
+            f"{', '.join(PAIR_SCHEDULES)} (got pp={p.pp}, {p.pp_schedule}); use false or null")
 
 
 def batch_split_rules(cfg: Config, world: World) -> None:
@@ -90,4 +104,4 @@ def batch_split_rules(cfg: Config, world: World) -> None:
                                         "the schedule") from None
 
 
-RULES = (pipeline_rules, expert_parallel_rules, batch_split_rules)
+RULES = (pipeline_rules, expert_parallel_rules, overlap_rules, batch_split_rules)

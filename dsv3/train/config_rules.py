@@ -80,7 +80,7 @@ def checkpoint_rules(cfg: Config, world: World) -> None:
         require(os.path.isdir(c.init_from), "checkpoint.init_from", c.init_from,
                 "must be a dsv3 checkpoint or a Hugging Face DeepseekV3 directory")
         from dsv3.model.hf_format import read_hf_config
-        from dsv3.train.weights import architecture_differences, is_hf_directory, saved_model_config
+        from dsv3.train.weights import architecture_differences, is_hf_directory, model_config_of
 
         if is_hf_directory(c.init_from):
             kind = read_hf_config(c.init_from).get("model_type")
@@ -92,7 +92,7 @@ def checkpoint_rules(cfg: Config, world: World) -> None:
             require(os.path.isfile(os.path.join(c.init_from, "config.yaml")), "checkpoint.init_from", c.init_from,
                     "must be a dsv3 checkpoint (with config.yaml) or a Hugging Face directory (with config.json)")
             _checkpoint_files("checkpoint.init_from", c.init_from)
-        differences = architecture_differences(cfg.model, saved_model_config(c.init_from, cfg.model))
+        differences = architecture_differences(cfg.model, model_config_of(c.init_from))
         require(not differences, "checkpoint.init_from", c.init_from,
                 f"holds weights of another architecture: {differences} (the config's value first)")
 

@@ -7,17 +7,22 @@ were and the next batch is tried; after `train.max_consecutive_skips` skipped st
 the first one with `stop`) the run stops with exit code 3 (`dsv3.exit_codes`) and saves nothing.
 A model is never saved with a non-finite parameter, whatever the policy.
 """
+from typing import Callable
+
 import torch
 from torch import nn
 
 from dsv3.parallel.mesh import all_reduce_sum
 
 
-def agree_on_step(sums: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(the loss sums summed over all ranks, whether every rank's losses and gradient norm are finite).
-    A collective: every rank calls it once per step."""
-    packed = torch.cat([sums.float(), (~torch.isfinite(grad_norm.float())).float().reshape(1).to(sums.device)])
-    all_reduce_sum(packed)
+def agree_on_step(sums: torch.Tensor, grad_norm: torch.Tensor,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] = all_reduce_sum) -> tuple[torch.Tensor, bool]:
+    """(`reduce(sums)`, whether every rank's losses and gradient norm are finite). `reduce` is the
+    collective that turns this rank's loss sums into the global ones (the plan's `global_loss_parts`:
+    a sum over the world, scaled); a flag for this rank's gradient norm rides along in it, and a NaN
+    on any rank reaches every rank through the sum. A collective: every rank calls it once per step."""
+    flag = (~torch.isfinite(grad_norm.float())).float().reshape(1).to(sums.device)
+    packed = reduce(torch.cat([sums.float(), flag]))
     return packed[:-1], bool(torch.isfinite(packed[:-1]).all()) and packed[-1].item() == 0
 
 

@@ -4,8 +4,8 @@ aux-loss-free bias updates, periodic validation, metrics and atomic checkpoints.
 Per-step losses do not depend on the plan: the global batch of a step is the same set of samples
 however it is split over ranks and micro-batches, every micro-batch has the same number of tokens,
 and each rank's share is weighted so that the gradients average to the whole batch's mean loss.
-With pipeline parallelism (parallel.pp > 1) the same micro-batches run through the plan's pipeline
-schedule instead of the accumulation loop; everything around the step is shared.
+The parallel plan (dsv3/parallel/plan.py) runs the step, reduces the gradients and maps checkpoints;
+the loop does not know which dimensions it is made of.
 """
 import contextlib
 import logging
@@ -22,15 +22,14 @@ from dsv3.config.schema import Config
 from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
-from dsv3.model.moe import MoEAux, add_loads
+from dsv3.model.transformer import IGNORE
 from dsv3.parallel.mesh import Env, all_reduce_sum
-from dsv3.parallel.plan import apply_parallel_plan
+from dsv3.parallel.plan import build_plan
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import load_checkpoint, save_checkpoint
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.nonfinite import NonFiniteSteps, agree_on_step, model_is_finite
-from dsv3.train.optim import DTYPES, AdamW, parameter_groups
 from dsv3.train.resume import checkpoint_to_resume
 from dsv3.train.stop_signals import StopSignals
 from dsv3.train.weights import load_initial_weights
@@ -62,29 +61,23 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str, env: Env):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         t = cfg.train
-        self.dp = env.world_size // cfg.parallel.pp
-        self.dp_rank = env.rank % self.dp
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
         resume = checkpoint_to_resume(cfg)  # verified, its config compared: before any work
 
         # global sample index -> sample, over one corpus or a weighted blend (stateless: resumable exactly)
-        self.train_data, self.val_data = build_data(cfg.data, cfg.model.vocab_size, t.seed)
-        # every corpus of a blend has the same tokenizer (validated): each checkpoint carries it, for the export
-        tokenizer = os.path.join(self.train_data.corpora[0].directory, "tokenizer.json")
-        self.tokenizer = tokenizer if os.path.isfile(tokenizer) else None
+        self.train_data, self.val_data = self.make_data()
 
         self.model = build_model(cfg, env.device)
         if resume is None and cfg.checkpoint.init_from is not None:
             # Before the plan: the weights are loaded whole, and the plan slices them like initialized ones.
             load_initial_weights(cfg.checkpoint.init_from, self.model, cfg.model)
             log.info("initialized weights from %s", cfg.checkpoint.init_from)
-        self.plan = apply_parallel_plan(self.model, cfg, env)
+        self.plan = build_plan(self.model, cfg, env)
+        self.dp, self.dp_rank = self.plan.dp, self.plan.dp_rank
         self.moe_layers = self.model.moe_layers()
-        o = cfg.optim
-        self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                               moment_dtype=DTYPES[o.moment_dtype])
+        self.optimizer = self.plan.build_optimizer(cfg.optim)
         self.state = TrainState()
         self.nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_consecutive_skips)
         # fp8 on a GPU: BF16 for what stays out of FP8 (V3 report); on CPU fp32 (the emulation).
@@ -96,14 +89,36 @@ class Trainer:
             self.state = TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
             log.info("resumed from %s at step %d", resume, self.state.step)
         if env.is_main:
-            n_params = self.plan.global_numel(self.model)
+            n_params = self.plan.n_params
             log.info("model: %.2fM parameters, %d MoE layers (MTP modules included); data: %d train / %d val "
-                     "samples of %d tokens; device %s, %s, world size %d", n_params / 1e6, self.plan.global_moe_layers(self.model),
-                     len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype,
-                     env.world_size)
+                     "samples of %d tokens; device %s, %s, world size %d: %s", n_params / 1e6,
+                     self.plan.n_moe_layers, len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device,
+                     cfg.precision.dtype, env.world_size, self.plan.describe())
             log.info("data: %s%s%s", self.train_data.describe(),
                      f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
                      "; attention masked at document boundaries" if cfg.data.document_masks else "")
+
+    # -- data (what a fine-tuning trainer replaces) -----------------------------------------------------
+    def make_data(self):
+        """(train, val): `len()`, `batch(global sample indices)`, `describe()`, `report()`."""
+        return build_data(self.cfg.data, self.cfg.model.vocab_size, self.cfg.train.seed)
+
+    def _val_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        data = self.val_data.batch(indices)
+        batch = data.tokens.to(self.env.device)
+        docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
+        return batch[:, :-1], batch[:, 1:], docs
+
+    def tokenizer_file(self) -> str | None:
+        """The tokenizer.json the run's token ids mean, carried by every checkpoint (so that an export is
+        self-contained). A blend's corpora share one (validated)."""
+        path = os.path.join(self.train_data.corpora[0].directory, "tokenizer.json")
+        return path if os.path.isfile(path) else None
+
+    def loss_normalizer(self, batch_size: int, n_micro: int) -> float | None:
+        """Divisor of each micro-batch's summed CE (None: its mean). Pretraining counts every label, and
+        every micro-batch has as many, so the mean per micro-batch is already the global batch's mean."""
+        return None
 
     # -- state -------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -111,7 +126,7 @@ class Trainer:
             self._stop_diverged("the model has non-finite parameters")
         path = save_checkpoint(self.cfg.checkpoint.dir, self.state.step, self.model, self.optimizer,
                                asdict(self.state), OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-                               keep=self.cfg.checkpoint.keep, plan=self.plan, tokenizer=self.tokenizer)
+                               keep=self.cfg.checkpoint.keep, plan=self.plan, tokenizer=self.tokenizer_file())
         log.info("saved %s", path)
 
     def _stop_diverged(self, why: str) -> None:
@@ -136,31 +151,22 @@ class Trainer:
         n_micro = batch_size // unit
         lam = schedules.mtp_weight(st.step, t)
         balance_coeff = t.balance_loss_alpha / n_micro  # alpha, scaled like the micro-batch's share of the loss
-        self.model.train()
+        self.model.loss_normalizer = self.loss_normalizer(batch_size, n_micro)
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
         def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
 
-        if self.plan.pipeline is not None:
-            # main CE, MTP CE, balance loss of what this rank's stages computed; their expert counts
-            # (validation refuses document masks with pipelines: the stages get tokens and labels only)
-            sums, loads = self.plan.pipeline.runner.train_step(lambda j: micro_batch(j)[:2], n_micro, lam,
-                                                               balance_coeff, self.autocast)
-        else:
-            sums, loads = self._accumulate(micro_batch, n_micro, lam, balance_coeff)
-
-        self.plan.reduce_gradients(self.model)
-        grad_norm = self.plan.clip_grad_norm(self.model, cfg.optim.grad_clip)
-        # every (layer, micro-batch) was computed by one rank of each dp replica; the ranks agree on finiteness
-        sums, finite = agree_on_step(sums, grad_norm)
-        sums /= self.dp
+        # main CE, MTP CE, balance loss of what this rank computed; the expert counts of its MoE layers
+        sums, loads = self.plan.train_step(micro_batch, n_micro, lam, balance_coeff, self.autocast)
+        grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip)
+        # the global batch's means, and whether every rank's losses and gradient norm are finite
+        sums, finite = agree_on_step(sums, grad_norm, self.plan.global_loss_parts)
         lr = schedules.learning_rate(st.step, cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if finite:  # else the step is not applied (train.on_nonfinite)
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.plan.optimizer_step(lr)
+        else:  # not applied (train.on_nonfinite)
+            self.optimizer.zero_grad(set_to_none=True)
         balance = update_router_biases(self.moe_layers, loads, schedules.bias_update_speed(st.step, t) if finite
                                        else 0.0, self.plan.sum_router_loads, self.plan.all_layers)
         st.step += 1
@@ -168,23 +174,7 @@ class Trainer:
         data = self.train_data.report(st.consumed_samples - batch_size, st.consumed_samples, st.step)
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
                 "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam,
-                "skipped": int(not finite), **balance, **data}
-
-    def _accumulate(self, micro_batch, n_micro: int, lam: float, balance_coeff: float) -> tuple[torch.Tensor, dict]:
-        """Gradient accumulation over the micro-batches (pp = 1); returns the step's [main CE, MTP CE,
-        balance loss] means on this rank and its expert counts per MoE layer."""
-        sums, loads = torch.zeros(3, device=self.env.device), {}
-        for j in range(n_micro):
-            tokens, labels, documents = micro_batch(j)
-            aux = MoEAux(balance_coeff)
-            with self.autocast:
-                parts = self.model.losses(tokens, labels, documents, aux)
-            mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
-            ((parts.main + lam * mtp) / n_micro).backward()
-            add_loads(loads, aux.loads)
-            sums += torch.stack([parts.main.detach().float(), mtp.detach().float(),
-                                 aux.balance_sum(sums.device)]) / n_micro
-        return sums, loads
+                "skipped": int(not finite), **balance, **data, **self.plan.step_metrics()}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -192,23 +182,18 @@ class Trainer:
         t = self.cfg.train
         n = min(len(self.val_data), t.val_samples)
         mine = list(range(self.dp_rank, n, self.dp))
-        self.model.eval()
         chunks = [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
-        if self.plan.ep > 1:  # every forward exchanges tokens: all ranks run as many as the busiest one
-            busiest = -(-n // self.dp)
-            chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
+        # A forward may exchange tokens with other ranks (expert parallelism): all run as many as the busiest.
+        busiest = -(-n // self.dp)
+        chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
+        self.model.loss_normalizer = None  # per-chunk means, weighted by the labels that count
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
-            data = self.val_data.batch(chunk or [0])  # [0]: a filler, not counted
-            batch = data.tokens.to(self.env.device)
-            if self.plan.pipeline is not None:  # the loss is known on the last stage's rank only
-                loss = self.plan.pipeline.runner.forward_loss(batch[:, :-1], batch[:, 1:], self.autocast)
-            else:
-                docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
-                with self.autocast:
-                    loss = self.model.main_loss(self.model.hidden(batch[:, :-1], docs), batch[:, 1:])
-            if chunk and loss is not None:
-                total += torch.stack([loss.float() * batch.shape[0], loss.new_tensor(float(batch.shape[0]))])
+            tokens, labels, docs = self._val_batch(chunk or [0])  # [0]: a filler, not counted
+            loss = self.plan.eval_loss(tokens, labels, docs, self.autocast)  # None off the last stage
+            counted = float((labels != IGNORE).sum())
+            if chunk and loss is not None and counted > 0:
+                total += torch.stack([loss.float() * counted, loss.new_tensor(counted)])
         all_reduce_sum(total)
         return (total[0] / total[1]).item()
 

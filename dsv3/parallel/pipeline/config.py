@@ -5,6 +5,7 @@ from __future__ import annotations
 from dsv3.config.rules import require
 
 SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+PAIR_SCHEDULES = ("dualpipe", "dualpipev")   # the schedules with overlapped F&B pairs
 
 
 def validate_pipeline(pp: int, schedule: str, microbatches: int, n_layers: int) -> None:
