@@ -31,7 +31,7 @@ from dsv3.config.schema import DataConfig, Fp8Config, ModelConfig  # noqa: E402
 from dsv3.data import GlobalSampler, PackedDataset, shard_directory  # noqa: E402
 from dsv3.kernels.ops import resolve_grouped_gemm_impl  # noqa: E402
 from dsv3.model import Transformer, init_weights  # noqa: E402
-from dsv3.model.moe import MoEAux  # noqa: E402
+from dsv3.model.step_aux import StepAux  # noqa: E402
 from dsv3.model.hf_format import hf_config, to_hf_state_dict  # noqa: E402
 from dsv3.train.optim import AdamW, parameter_groups  # noqa: E402
 
@@ -102,7 +102,7 @@ class OursStep:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with self.autocast:
-            parts = self.model.losses(batch[:, :-1], batch[:, 1:], aux=MoEAux(balance_coeff=1e-4))
+            parts = self.model.losses(batch[:, :-1], batch[:, 1:], aux=StepAux(balance_coeff=1e-4))
             loss = parts.main + (0.3 * torch.stack(parts.mtp).mean() if parts.mtp else 0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -5,7 +5,6 @@ The routed experts always run grouped: (token, k) pairs are sorted by expert by 
 and all experts are computed by one grouped GEMM per projection. The default dispatcher is local;
 an expert-parallel plan swaps in one that exchanges rows between ranks. The model never knows which.
 """
-from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 
 from dsv3.config.schema import ModelConfig
 from dsv3.kernels import ops
+from dsv3.model.step_aux import StepAux
 
 
 class FeedForward(nn.Module):
@@ -118,31 +118,6 @@ class LocalTokenDispatcher:
         return (per_token * weights.unsqueeze(-1)).sum(dim=1).to(y.dtype)  # not bmm: autocast would make it bf16
 
 
-@dataclass
-class MoEAux:
-    """What the MoE layers of one forward need and report beyond the hidden states, handed to the
-    forward by its caller (the trainer, a pipeline stage) and read back by it: nothing is kept on
-    the modules between forwards.
-
-    balance_coeff: alpha times this forward's share of the step's loss; 0 = no balance loss.
-    loads: tokens routed to each expert, per MoE layer (the module), for the aux-loss-free bias update.
-    balance: the sequence-wise balance losses computed, in forward order (detached, for the log)."""
-
-    balance_coeff: float = 0.0
-    loads: dict["MoE", torch.Tensor] = field(default_factory=dict)
-    balance: list[torch.Tensor] = field(default_factory=list)
-
-    def balance_sum(self, device: torch.device) -> torch.Tensor:
-        return torch.stack([b.to(device, torch.float32) for b in self.balance]).sum() if self.balance else \
-            torch.zeros((), device=device)
-
-
-def add_loads(total: dict["MoE", torch.Tensor], more: dict["MoE", torch.Tensor]) -> None:
-    """Accumulate one forward's expert counts into a step's."""
-    for moe, counts in more.items():
-        total[moe] = total[moe] + counts if moe in total else counts
-
-
 class _AttachAuxLoss(torch.autograd.Function):
     """Identity on `y` whose backward also feeds d(coeff * aux)/d(aux) = coeff into `aux`'s graph.
 
@@ -182,7 +157,7 @@ class MoE(nn.Module):
                                if cfg.n_shared_experts > 0 else None)
         self.dispatcher = LocalTokenDispatcher(cfg.n_routed_experts)
 
-    def forward(self, x: torch.Tensor, aux: Optional[MoEAux] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: Optional[StepAux] = None) -> torch.Tensor:
         """x [B, S, dim] -> [B, S, dim]. With `aux` (training forwards): count the tokens per expert
         and, when aux.balance_coeff > 0, add the balance loss to the objective."""
         B, S, D = x.shape

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from dsv3.model import Transformer
-from dsv3.model.moe import MoEAux, add_loads
+from dsv3.model.step_aux import StepAux, add_loads
 from dsv3.parallel.overlap import Communicator
 
 # (tokens [b, S], labels [b, S], the tokens' document numbers [b, S] with data.document_masks, else None)
@@ -29,23 +29,24 @@ class LocalRunner:
         self.model, self.device, self.comm = model, device, comm
 
     def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
-                   balance_coeff: float, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
+                   aux: StepAux, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
         """Forward and backward of micro-batches 0..n_micro-1, each loss scaled by 1/n_micro (gradients
-        accumulate in `.grad`; the balance losses weigh `balance_coeff`). Returns this rank's [main CE,
-        MTP CE, balance loss] means and the step's expert counts per MoE layer."""
+        accumulate in `.grad`; each forward gets `aux.fresh()`: the step's balance-loss coefficient and
+        loss normalizer). Returns this rank's [main CE, MTP CE, balance loss] means and the step's expert
+        counts per MoE layer."""
         model = self.model
         model.train()
         loads: dict = {}
 
         def forward(j: int) -> tuple[torch.Tensor, torch.Tensor]:
             tokens, labels, documents = micro_batch(j)
-            aux = MoEAux(balance_coeff)  # this forward's own: the overlap runs two forwards' worth at once
+            mine = aux.fresh()  # this forward's own: the overlap runs two forwards at once
             with autocast:
-                parts = model.losses(tokens, labels, documents, aux)
+                parts = model.losses(tokens, labels, documents, mine)
             mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
-            add_loads(loads, aux.loads)
+            add_loads(loads, mine.loads)
             logged = torch.stack([parts.main.detach().float(), mtp.detach().float(),
-                                  aux.balance_sum(self.device)]) / n_micro
+                                  mine.balance_sum(self.device)]) / n_micro
             return (parts.main + mtp_weight * mtp) / n_micro, logged
 
         sums = torch.zeros(3, device=self.device)

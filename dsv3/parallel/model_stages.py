@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from dsv3.model import Transformer
-from dsv3.model.moe import MoE, MoEAux, add_loads
+from dsv3.model.moe import MoE
+from dsv3.model.step_aux import StepAux, add_loads
 from dsv3.parallel.pipeline.executor import Stage
 from dsv3.parallel.pipeline.partition import n_stages, partition_layers, rank_stages
 
@@ -69,13 +70,13 @@ class StageLayout:
 @dataclass
 class StepContext:
     """Shared by this rank's stage modules: what the trainer sets for a step (the precision context
-    of the forwards, lambda, the balance-loss coefficient) and what the stages record in its training
-    forwards (the main and MTP cross-entropies on the last stage, the balance losses and expert counts
-    of the MoE layers each stage ran, from the `MoEAux` each forward is handed)."""
+    of the forwards, lambda, the `StepAux` inputs) and what the stages record in its training forwards
+    (the main and MTP cross-entropies on the last stage, the balance losses and expert counts of the
+    MoE layers each stage ran, from the `StepAux` each forward is handed)."""
 
     autocast: AbstractContextManager = field(default_factory=nullcontext)
     mtp_weight: float = 0.0
-    balance_coeff: float = 0.0
+    aux: StepAux = field(default_factory=StepAux)
     main: list[torch.Tensor] = field(default_factory=list)
     mtp: list[torch.Tensor] = field(default_factory=list)
     balance: list[torch.Tensor] = field(default_factory=list)
@@ -87,11 +88,11 @@ class StepContext:
         self.balance.clear()
         self.loads = {}
 
-    def forward_aux(self, module: nn.Module) -> MoEAux | None:
-        """A fresh MoEAux for a training forward of `module` (None otherwise: nothing to record)."""
-        return MoEAux(self.balance_coeff) if module.training and torch.is_grad_enabled() else None
+    def forward_aux(self, module: nn.Module) -> StepAux | None:
+        """A fresh StepAux for a training forward of `module` (None otherwise: nothing to record)."""
+        return self.aux.fresh() if module.training and torch.is_grad_enabled() else None
 
-    def record(self, aux: MoEAux | None, device: torch.device) -> None:
+    def record(self, aux: StepAux | None, device: torch.device) -> None:
         if aux is not None:
             self.balance.append(aux.balance_sum(device))
             add_loads(self.loads, aux.loads)
@@ -135,7 +136,7 @@ class HeadLoss(nn.Module):
         model = self._model[0]
         aux = self.ctx.forward_aux(self)
         with self.ctx.autocast:
-            main = model.main_loss(h, labels)
+            main = model.main_loss(h, labels, aux)
             mtp_losses = model.mtp_losses(h, tokens, labels, aux=aux)
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else torch.zeros((), device=h.device)
         if aux is not None:

@@ -3,7 +3,7 @@
 Loss scale. The executor seeds each micro-batch's loss gradient with 1/m, which is the pp = 1
 trainer's `loss / n_micro`. The MoE balance losses do not pass through the executor: each MoE
 layer adds its own through an autograd side channel whose backward feeds the coefficient of the
-`MoEAux` its forward was handed (dsv3/model/moe.py), and the trainer passes alpha / m, the same
+`StepAux` its forward was handed (dsv3/model/step_aux.py), and the trainer passes alpha / m, the same
 1/m share.
 
 Overlap. With expert parallelism inside the stages, the plan passes its Communicator's `run_pair`
@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.model_stages import HeadLoss, StepContext
 from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
 from dsv3.parallel.pipeline.schedule import Schedule
@@ -61,11 +62,11 @@ class PipelineRunner:
                 yield s.loss_fn
 
     def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
-                   balance_coeff: float, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
+                   aux: StepAux, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
         """Forward and backward of the m micro-batches (gradients accumulate in `.grad`); the
-        stages' forwards run in `autocast`, the MTP losses weigh `mtp_weight`, the balance losses
-        `balance_coeff`. `n_micro` is the caller's m, which scaled that coefficient: it must be the
-        schedule's.
+        stages' forwards run in `autocast`, the MTP losses weigh `mtp_weight`, each forward gets
+        `aux.fresh()` (the balance-loss coefficient, the loss normalizer). `n_micro` is the caller's m,
+        which scaled that coefficient: it must be the schedule's.
 
         `micro_batch(j)` loads micro-batch j; it is called only for the micro-batches whose first
         or last stage runs here. Returns [main CE, MTP CE, balance loss] summed over what this rank
@@ -82,7 +83,7 @@ class PipelineRunner:
             mod.train()
         t = self.ctx
         t.clear()
-        t.autocast, t.mtp_weight, t.balance_coeff = autocast, mtp_weight, balance_coeff
+        t.autocast, t.mtp_weight, t.aux = autocast, mtp_weight, aux
         self.executor.step(inputs, targets)
         zero = torch.zeros((), device=self.device)
         sums = torch.stack([torch.stack(xs).sum() if xs else zero for xs in (t.main, t.mtp, t.balance)]) / m

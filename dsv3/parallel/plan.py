@@ -2,7 +2,7 @@
 
     plan = build_plan(model, cfg, env)     # applies every dimension to the built model, from outside it
     plan.build_optimizer(cfg.optim)
-    parts, loads = plan.train_step(micro_batch, n_micro, mtp_weight, balance_coeff, autocast)  # fwd + bwd
+    parts, loads = plan.train_step(micro_batch, n_micro, mtp_weight, aux, autocast)  # forward + backward
     norm  = plan.reduce_and_clip(max_norm) # gradients of the global batch, global norm, clipping
     plan.optimizer_step(lr)
     plan.to_global / plan.to_local         # checkpoints: this rank's state <-> the plan-independent view
@@ -34,6 +34,7 @@ import torch.distributed as dist
 from dsv3.config.schema import Config, OptimConfig, ParallelConfig
 from dsv3.model import Transformer
 from dsv3.model.moe import MoE
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.expert_shards import ExpertShards
 from dsv3.parallel.layout import Layout, make_layout
 from dsv3.parallel.local_runner import LocalRunner, MicroBatch
@@ -85,12 +86,13 @@ class Plan:
 
     # -- the step ---------------------------------------------------------------------------------
     def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
-                   balance_coeff: float, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
+                   aux: StepAux, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
         """Forward and backward of this replica's n_micro micro-batches (`micro_batch(j)` loads one:
-        tokens, labels, document numbers or None); gradients accumulate in `.grad`. Returns [main CE,
-        MTP CE, balance loss] of what this rank computed (see `global_loss_parts`) and the expert counts
-        of its MoE layers (`MoEAux.loads`, summed over the step: see `sum_router_loads`)."""
-        return self.runner.train_step(micro_batch, n_micro, mtp_weight, balance_coeff, autocast)
+        tokens, labels, document numbers or None); gradients accumulate in `.grad`; every forward gets
+        `aux.fresh()`. Returns [main CE, MTP CE, balance loss] of what this rank computed (see
+        `global_loss_parts`) and the expert counts of its MoE layers (`StepAux.loads`, summed over the
+        step: see `sum_router_loads`)."""
+        return self.runner.train_step(micro_batch, n_micro, mtp_weight, aux, autocast)
 
     def global_loss_parts(self, parts: torch.Tensor) -> torch.Tensor:
         """This rank's `train_step` parts -> the global batch's means, on every rank: every (layer,

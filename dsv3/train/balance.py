@@ -12,7 +12,7 @@ def update_router_biases(moe_layers: list[MoE], loads: dict[MoE, torch.Tensor], 
                          all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
                          all_layers: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
     """Apply b_i += gamma * sign(mean load - load_i) to every router, with `loads` the step's expert
-    counts of each layer (`MoEAux.loads` of the step's forwards; a layer that saw no token counts
+    counts of each layer (`StepAux.loads` of the step's forwards; a layer that saw no token counts
     zeros) summed over ranks by `all_reduce`, and return load-balance figures of this step.
 
     MaxVio = (max_i load_i - mean load) / mean load, per layer (Wang et al., 2024, the metric V3 reports),

@@ -22,6 +22,7 @@ from dsv3.config.schema import Config
 from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
+from dsv3.model.step_aux import StepAux
 from dsv3.model.transformer import IGNORE
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import build_plan
@@ -150,15 +151,16 @@ class Trainer:
         batch_size = schedules.global_batch_size(st.consumed_samples, t, unit)
         n_micro = batch_size // unit
         lam = schedules.mtp_weight(st.step, t)
-        balance_coeff = t.balance_loss_alpha / n_micro  # alpha, scaled like the micro-batch's share of the loss
-        self.model.loss_normalizer = self.loss_normalizer(batch_size, n_micro)
+        # alpha, scaled like the micro-batch's share of the loss; each forward of the step gets a fresh copy
+        aux = StepAux(balance_coeff=t.balance_loss_alpha / n_micro,
+                      loss_normalizer=self.loss_normalizer(batch_size, n_micro))
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
         def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
 
         # main CE, MTP CE, balance loss of what this rank computed; the expert counts of its MoE layers
-        sums, loads = self.plan.train_step(micro_batch, n_micro, lam, balance_coeff, self.autocast)
+        sums, loads = self.plan.train_step(micro_batch, n_micro, lam, aux, self.autocast)
         grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip)
         # the global batch's means, and whether every rank's losses and gradient norm are finite
         sums, finite = agree_on_step(sums, grad_norm, self.plan.global_loss_parts)
@@ -186,7 +188,7 @@ class Trainer:
         # A forward may exchange tokens with other ranks (expert parallelism): all run as many as the busiest.
         busiest = -(-n // self.dp)
         chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
-        self.model.loss_normalizer = None  # per-chunk means, weighted by the labels that count
+        # evaluation forwards get no StepAux: per-chunk means, weighted below by the labels that count
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
             tokens, labels, docs = self._val_batch(chunk or [0])  # [0]: a filler, not counted

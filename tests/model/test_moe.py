@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model.init import init_weights
-from dsv3.model.moe import MoE, MoEAux, sequence_balance_loss
+from dsv3.model.moe import MoE, sequence_balance_loss
+from dsv3.model.step_aux import StepAux
 
 CFG = ModelConfig(dim=32, moe_inter_dim=16, n_routed_experts=12, n_activated_experts=3, n_expert_groups=4,
                   n_limited_groups=2, route_scale=2.5, n_shared_experts=1)
@@ -101,7 +102,7 @@ def test_balance_loss_gradient_is_alpha_times_its_gradient():
     x = torch.randn(2, 6, CFG.dim)
     coeff = 0.37
     moe.train()
-    aux = MoEAux(balance_coeff=coeff)
+    aux = StepAux(balance_coeff=coeff)
     injected = torch.autograd.grad(moe(x, aux).sum(), moe.gate.weight)[0]
     flat = x.view(-1, CFG.dim)
     _, idx, scores = moe.gate(flat)
@@ -117,7 +118,7 @@ def test_expert_counts_go_to_the_aux_the_caller_hands_in_and_nowhere_else():
     x = torch.randn(2, 4, CFG.dim)
     before = {k: v.clone() for k, v in moe.state_dict().items()}
     moe(x)  # no aux: nothing recorded, nothing kept on the module
-    aux = MoEAux()
+    aux = StepAux()
     moe(x, aux)
     _, idx, _ = moe.gate(x.view(-1, CFG.dim))
     assert list(aux.loads) == [moe] and aux.balance == []  # coefficient 0: no balance loss

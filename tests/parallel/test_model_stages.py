@@ -8,7 +8,7 @@ import torch
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model import Transformer, init_weights
-from dsv3.model.moe import MoEAux
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.model_stages import StageLayout, StepContext, cut_model
 from dsv3.parallel.pipeline import build_schedule
 
@@ -51,7 +51,7 @@ def test_stages_run_in_order_are_the_model(schedule, pp):
     tokens = torch.randint(0, CFG.vocab_size, (2, 16))
     labels = torch.randint(0, CFG.vocab_size, (2, 16))
     whole = _model()
-    aux = MoEAux(COEFF)
+    aux = StepAux(COEFF)
     parts = whole.losses(tokens, labels, aux=aux)
     ((parts.main + LAMBDA * torch.stack(parts.mtp).mean())).backward()
 
@@ -59,7 +59,7 @@ def test_stages_run_in_order_are_the_model(schedule, pp):
     sched = build_schedule(schedule, pp, 2 * pp)
     ranks, stages = [], {}
     for r in range(pp):
-        model, ctx = _model(), StepContext(mtp_weight=LAMBDA, balance_coeff=COEFF)
+        model, ctx = _model(), StepContext(mtp_weight=LAMBDA, aux=StepAux(COEFF))
         for s in cut_model(model, layout, r, ctx):
             if sched.rank_of(s.index, 0) == r:   # micro-batch 0's route
                 stages[s.index] = s

@@ -19,6 +19,7 @@ import torch
 
 from dsv3.config.schema import Config, ModelConfig
 from dsv3.parallel.mesh import Env
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.plan import build_plan
 from dsv3.train.trainer import build_model
 from tests.parallel.distributed_testing import run_workers
@@ -107,8 +108,8 @@ def accumulation_worker(rank: int, world: int) -> None:
         g = torch.Generator().manual_seed(200 + rank)
         batches = [torch.randint(0, MODEL.vocab_size, (2, 13), generator=g) for _ in range(3)]
         plan.comm.trace = []
-        parts, counts = plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:], None), 3, 0.3, 0.01,
-                                        nullcontext())
+        parts, counts = plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:], None), 3, 0.3,
+                                        StepAux(balance_coeff=0.01), nullcontext())
         pairs = sum(1 for kind, task, _ in plan.comm.trace if kind == "end") // 2
         assert pairs == (2 if overlap else 0), pairs
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
