@@ -142,14 +142,32 @@ class Fp8Config:
 
 
 @dataclass
+class LossScaleConfig:
+    """Dynamic loss scaling of `precision.dtype=fp16` (dsv3/train/loss_scale.py): the loss is multiplied
+    by a scale S before the backward and the gradients divided by it before clipping; a step whose
+    gradients overflow is skipped and S halved, and S doubles after `growth_interval` good steps."""
+
+    init: float = 65536.0
+    """S at the start of a run (2^16, as torch.amp.GradScaler)."""
+    growth_interval: int = 1000
+    """Steps without overflow after which S doubles."""
+    min: float = 1.0
+    """S never goes below this; an overflow at the floor is divergence (train.on_nonfinite), not the scale's."""
+
+
+@dataclass
 class PrecisionConfig:
-    """Numeric format of the forward/backward computation."""
+    """Numeric format of the forward/backward computation (dsv3/train/precision.py). Parameters, their
+    gradients and the optimizer stay fp32 (master weights) in every format."""
 
     dtype: str = "fp32"
-    """fp32 | bf16 (autocast on GPU) | fp8 (DeepSeek-V3's fine-grained FP8 recipe: emulated in fp32 on CPU,
-    Triton E4M3 kernels on CUDA compute capability 8.9+; refused on older GPUs)."""
+    """fp32 | bf16 (autocast; CUDA needs compute capability 8.0+) | fp16 (autocast with dynamic loss
+    scaling, for GPUs without bf16: Turing, RTX 20xx) | fp8 (DeepSeek-V3's fine-grained FP8 recipe: emulated
+    in fp32 on CPU, Triton E4M3 kernels on CUDA compute capability 8.9+; refused on older GPUs)."""
     fp8: Fp8Config = field(default_factory=Fp8Config)
     """The FP8 recipe's options (read only when dtype=fp8)."""
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    """fp16's loss scaling (read only when dtype=fp16)."""
 
 
 @dataclass

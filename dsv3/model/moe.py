@@ -172,5 +172,5 @@ class MoE(nn.Module):
         if aux is not None and aux.balance_coeff > 0 and torch.is_grad_enabled():
             balance = sequence_balance_loss(scores, indices, B, self.n_activated)
             aux.balance.append(balance.detach())
-            y = _AttachAuxLoss.apply(y, balance, aux.balance_coeff)
+            y = _AttachAuxLoss.apply(y, balance, aux.balance_coeff * aux.grad_scale)
         return y.view(B, S, D)

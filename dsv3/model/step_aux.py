@@ -20,18 +20,21 @@ if TYPE_CHECKING:
 class StepAux:
     """In: `balance_coeff`, alpha times this forward's share of the step's loss (0 = no sequence-wise
     balance loss); `loss_normalizer`, the divisor of each cross-entropy's sum over the labels that
-    count (None: their mean), set when micro-batches count different numbers of labels (SFT).
+    count (None: their mean), set when micro-batches count different numbers of labels (SFT);
+    `grad_scale`, the factor every gradient of the step carries (fp16's loss scale, 1 otherwise): the
+    runner multiplies the loss it backpropagates by it, the MoE layers the balance loss's gradient.
     Out: `loads`, tokens routed to each expert per MoE layer (for the aux-loss-free bias update);
     `balance`, the balance losses computed, in forward order (detached, for the log)."""
 
     balance_coeff: float = 0.0
     loss_normalizer: Optional[float] = None
+    grad_scale: float = 1.0
     loads: dict[MoE, torch.Tensor] = field(default_factory=dict)
     balance: list[torch.Tensor] = field(default_factory=list)
 
     def fresh(self) -> StepAux:
         """The same inputs, nothing recorded yet: one per forward of a step."""
-        return StepAux(self.balance_coeff, self.loss_normalizer)
+        return StepAux(self.balance_coeff, self.loss_normalizer, self.grad_scale)
 
     def balance_sum(self, device: torch.device) -> torch.Tensor:
         if not self.balance:

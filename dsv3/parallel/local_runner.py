@@ -47,7 +47,7 @@ class LocalRunner:
             add_loads(loads, mine.loads)
             logged = torch.stack([parts.main.detach().float(), mtp.detach().float(),
                                   mine.balance_sum(self.device)]) / n_micro
-            return (parts.main + mtp_weight * mtp) / n_micro, logged
+            return (parts.main + mtp_weight * mtp) / n_micro * mine.grad_scale, logged
 
         sums = torch.zeros(3, device=self.device)
         if self.comm is None or not self.comm.overlap:

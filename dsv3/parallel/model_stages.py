@@ -143,7 +143,7 @@ class HeadLoss(nn.Module):
             self.ctx.main.append(main.detach().float())
             self.ctx.mtp.append(mtp.detach().float())
         self.ctx.record(aux, h.device)
-        return main + self.ctx.mtp_weight * mtp
+        return (main + self.ctx.mtp_weight * mtp) * (aux.grad_scale if aux is not None else 1.0)
 
     def main_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The evaluation loss: next-token CE of the main head only."""

@@ -108,16 +108,22 @@ class Plan:
         return self.runner.eval_loss(tokens, labels, documents, autocast)
 
     @torch.no_grad()
-    def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
+    def reduce_and_clip(self, max_norm: float, grad_scale: float = 1.0) -> torch.Tensor:
         """Turn each rank's gradients into those of the global batch's mean loss; return the global
-        gradient norm and scale the gradients to at most `max_norm` when it is > 0."""
+        gradient norm and scale the gradients to at most `max_norm` when it is > 0. `grad_scale`: the
+        factor the backward put on every gradient (fp16's loss scale), divided out here, in the same
+        multiplication as the clipping; the norm returned is the unscaled one."""
         self.replicas.reduce_gradients(self.model.named_parameters())
         grads = {n: p.grad for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None}
         norms = {n: torch.linalg.vector_norm(g) for n, g in grads.items() if n not in self.experts.names}
         norms.update({n: s.sqrt() for n, s in self.experts.squared_norms(grads).items()})
-        total = torch.linalg.vector_norm(self._whole_model_vector(self.whole.param_index, norms))
+        total = torch.linalg.vector_norm(self._whole_model_vector(self.whole.param_index, norms)) / grad_scale
+        coeff = None
         if max_norm > 0:
             coeff = (max_norm / (total + 1e-6)).clamp(max=1.0)   # as torch.nn.utils.clip_grad_norm_
+        if grad_scale != 1.0:
+            coeff = (1.0 if coeff is None else coeff) / grad_scale
+        if coeff is not None:
             for g in grads.values():
                 g.mul_(coeff)
         return total

@@ -189,11 +189,12 @@ class _WeightsOnlyPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def _check_metadata(path: str) -> None:
+def _check_metadata(path: str):
+    """The checkpoint's DCP metadata, read safely."""
     meta = os.path.join(path, ".metadata")
     try:
         with open(meta, "rb") as f:
-            _MetadataUnpickler(f).load()
+            return _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a dsv3 checkpoint: it has no DCP .metadata file") from None
     except Exception as e:  # a damaged or foreign pickle: any unpickling error
@@ -206,9 +207,12 @@ def _dcp_load(state: dict, path: str) -> None:
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    plan: Optional[ShardedState] = None) -> dict:
+                    plan: Optional[ShardedState] = None, optional_train: Optional[dict] = None) -> dict:
     """Restore model (and optimizer, RNG) in place; returns the saved train state (step, samples consumed).
-    `plan`: the parallel plan the model was sharded by (None: the model holds every parameter whole)."""
+    `plan`: the parallel plan the model was sharded by (None: the model holds every parameter whole).
+    `optional_train`: more train-state entries to read, each with a template of its tensors (fp16's loss
+    scaler); an entry the checkpoint does not hold (a run resumed in another precision) is left out of
+    the result."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     if optimizer is None:
         model_sd = model.state_dict()
@@ -223,6 +227,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim
     if plan is not None:
         model_sd, optim_sd = plan.to_global(model_sd, optim_sd)
     state = {"model": model_sd, "optim": optim_sd, "train": {"step": 0, "consumed_samples": 0}}
+    saved_keys = set(_check_metadata(path).state_dict_metadata)
+    for name, template in (optional_train or {}).items():
+        if any(k.startswith(f"train.{name}.") or k == f"train.{name}" for k in saved_keys):
+            state["train"][name] = template
     _dcp_load(state, path)
     if plan is not None:
         state["model"], state["optim"] = plan.to_local(state["model"], state["optim"])

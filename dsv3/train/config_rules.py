@@ -3,10 +3,10 @@ in dsv3/config/rules.py. Checkpoints the config names are checked here too: thei
 the manifest; the checksums when the ranks load them) and, for `checkpoint.init_from`, the architecture."""
 import os
 
+from dsv3.config.precision import PRECISIONS, device_type
 from dsv3.config.rules import World, one_of, require
 from dsv3.config.schema import Config
 
-PRECISIONS = ("fp32", "bf16", "fp8")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("skip", "stop")
 
@@ -15,6 +15,20 @@ def precision_and_optim_rules(cfg: Config, world: World) -> None:
     from dsv3.train.optim import DTYPES
 
     one_of("precision.dtype", cfg.precision.dtype, PRECISIONS)
+    if cfg.precision.dtype == "bf16" and device_type(cfg.train.device) == "cuda":
+        import torch
+
+        cap = torch.cuda.get_device_capability()
+        require(cap >= (8, 0), "precision.dtype", "bf16",
+                f"needs bf16 tensor cores (CUDA compute capability 8.0+: Ampere or newer); "
+                f"{torch.cuda.get_device_name()} has {cap[0]}.{cap[1]}: use precision.dtype=fp16 "
+                f"(autocast with dynamic loss scaling) or fp32")
+    if cfg.precision.dtype == "fp16":
+        s = cfg.precision.loss_scale
+        require(s.min > 0, "precision.loss_scale.min", s.min, "must be > 0")
+        require(s.init >= s.min, "precision.loss_scale.init", s.init,
+                f"must be >= precision.loss_scale.min ({s.min})")
+        require(s.growth_interval > 0, "precision.loss_scale.growth_interval", s.growth_interval, "must be > 0")
     o = cfg.optim
     one_of("optim.moment_dtype", o.moment_dtype, tuple(DTYPES))
     require(o.lr > 0, "optim.lr", o.lr, "must be > 0")

@@ -7,7 +7,6 @@ and each rank's share is weighted so that the gradients average to the whole bat
 The parallel plan (dsv3/parallel/plan.py) runs the step, reduces the gradients and maps checkpoints;
 the loop does not know which dimensions it is made of.
 """
-import contextlib
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dsv3 import exit_codes
+from dsv3.config import precision
 from dsv3.config.schema import Config
 from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
@@ -29,6 +29,7 @@ from dsv3.parallel.plan import build_plan
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import load_checkpoint, save_checkpoint
+from dsv3.train.loss_scale import loss_scaler
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.nonfinite import NonFiniteSteps, agree_on_step, model_is_finite
 from dsv3.train.resume import checkpoint_to_resume
@@ -45,7 +46,7 @@ class TrainState:
 
 
 def build_model(cfg: Config, device: torch.device) -> Transformer:
-    compute_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
+    compute_dtype = precision.compute_dtype(cfg.precision.dtype, device.type)
     impl = resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, device, compute_dtype)
     model = Transformer(cfg.model, grouped_gemm=impl)
     init_weights(model, seed=cfg.train.seed, std=cfg.model.init_std)
@@ -81,14 +82,19 @@ class Trainer:
         self.optimizer = self.plan.build_optimizer(cfg.optim)
         self.state = TrainState()
         self.nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_consecutive_skips)
-        # fp8 on a GPU: BF16 for what stays out of FP8 (V3 report); on CPU fp32 (the emulation).
-        bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "fp8" and env.device.type == "cuda")
-        self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        self.autocast = precision.autocast(cfg.precision.dtype, env.device.type)
+        self.scaler = loss_scaler(cfg.precision)  # fp16 only
         self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps)
         if resume is not None:
-            saved = load_checkpoint(resume, self.model, self.optimizer, self.plan)
+            scaler = {"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+            saved = load_checkpoint(resume, self.model, self.optimizer, self.plan, optional_train=scaler)
             self.state = TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
             log.info("resumed from %s at step %d", resume, self.state.step)
+            if self.scaler is not None and "loss_scaler" in saved:
+                self.scaler.load_state_dict(saved["loss_scaler"])
+            elif self.scaler is not None:
+                log.info("the checkpoint has no fp16 loss scale (saved in another precision): starting at %g",
+                         self.scaler.scale)
         if env.is_main:
             n_params = self.plan.n_params
             log.info("model: %.2fM parameters, %d MoE layers (MTP modules included); data: %d train / %d val "
@@ -125,8 +131,11 @@ class Trainer:
     def save(self) -> None:
         if not model_is_finite(self.model, self.env.device):  # never let a diverged model replace good ones
             self._stop_diverged("the model has non-finite parameters")
+        train_state = asdict(self.state)
+        if self.scaler is not None:
+            train_state["loss_scaler"] = self.scaler.state_dict()
         path = save_checkpoint(self.cfg.checkpoint.dir, self.state.step, self.model, self.optimizer,
-                               asdict(self.state), OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+                               train_state, OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
                                keep=self.cfg.checkpoint.keep, plan=self.plan, tokenizer=self.tokenizer_file())
         log.info("saved %s", path)
 
@@ -152,8 +161,9 @@ class Trainer:
         n_micro = batch_size // unit
         lam = schedules.mtp_weight(st.step, t)
         # alpha, scaled like the micro-batch's share of the loss; each forward of the step gets a fresh copy
+        scale = self.scaler.scale if self.scaler is not None else 1.0
         aux = StepAux(balance_coeff=t.balance_loss_alpha / n_micro,
-                      loss_normalizer=self.loss_normalizer(batch_size, n_micro))
+                      loss_normalizer=self.loss_normalizer(batch_size, n_micro), grad_scale=scale)
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
         def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -161,9 +171,15 @@ class Trainer:
 
         # main CE, MTP CE, balance loss of what this rank computed; the expert counts of its MoE layers
         sums, loads = self.plan.train_step(micro_batch, n_micro, lam, aux, self.autocast)
-        grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip)
+        grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip, grad_scale=scale)
         # the global batch's means, and whether every rank's losses and gradient norm are finite
         sums, finite = agree_on_step(sums, grad_norm, self.plan.global_loss_parts)
+        overflow = False
+        if self.scaler is not None:
+            # Finite losses with non-finite gradients: fp16 overflowed under this scale. The step is skipped
+            # and the scale backs off; it is not divergence unless the scale is already at its floor.
+            overflow = not finite and bool(torch.isfinite(sums).all()) and not self.scaler.at_floor
+            self.scaler.update(finite)
         lr = schedules.learning_rate(st.step, cfg.optim)
         if finite:
             self.plan.optimizer_step(lr)
@@ -176,7 +192,12 @@ class Trainer:
         data = self.train_data.report(st.consumed_samples - batch_size, st.consumed_samples, st.step)
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
                 "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam,
-                "skipped": int(not finite), **balance, **data, **self.plan.step_metrics()}
+                "skipped": int(not finite), **self._scaler_metrics(scale, overflow), **balance, **data, **self.plan.step_metrics()}
+
+    def _scaler_metrics(self, scale: float, overflow: bool) -> dict:
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": scale, "overflow": int(overflow), "overflows": self.scaler.skipped_steps}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -212,8 +233,12 @@ class Trainer:
                 metrics["step_time_s"] = elapsed
                 step = self.state.step
                 last = step == t.max_steps
-                self.nonfinite.record(not metrics["skipped"])
-                if metrics["skipped"]:
+                # an fp16 overflow is the loss scale's to fix, not divergence
+                self.nonfinite.record(not metrics["skipped"] or bool(metrics.get("overflow")))
+                if metrics.get("overflow"):
+                    log.info("step %d: fp16 gradients overflowed at loss scale %g: not applied, the scale is now %g",
+                             step, metrics["loss_scale"], self.scaler.scale)
+                elif metrics["skipped"]:
                     log.warning("step %d: non-finite loss %.4g or gradient norm %.4g on some rank: not applied "
                                 "(%s)", step, metrics["loss"], metrics["grad_norm"], "train.on_nonfinite=stop"
                                 if t.on_nonfinite == "stop" else f"{self.nonfinite.consecutive} in a row, at most "
