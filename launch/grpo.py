@@ -36,8 +36,9 @@ def prepare(cfg):
         key, value = ("parallel.ep", p.ep) if p.ep != 1 else ("parallel.pp", p.pp)
         raise ConfigError(key, value, "GRPO runs data parallel only (parallel.ep=1, parallel.pp=1): sampling under "
                           "expert or pipeline parallelism is not supported yet")
-    if cfg.precision.dtype == "fp8":
-        raise ConfigError("precision.dtype", "fp8", "GRPO runs in fp32 or bf16 (FP8 RL is not supported yet)")
+    if cfg.precision.dtype not in ("fp32", "bf16"):
+        raise ConfigError("precision.dtype", cfg.precision.dtype, "GRPO runs in fp32 or bf16 (FP8 and fp16 RL are not "
+                          "supported yet)")
     if cfg.rl.mtp == "train" and cfg.model.mtp_depth == 0:
         raise ConfigError("rl.mtp", "train", f"the model of {cfg.checkpoint.init_from} has no MTP module")
     if cfg.rl.system_prompt is None:

@@ -1,7 +1,8 @@
 """Rejection sampling (R1 §2.3.3): sample a checkpoint on task problems, keep what the rules accept,
 write SFT data.
 
-    python launch/rejection_sample.py +experiment=rejection_arith_tiny checkpoint.init_from=runs/grpo_arith_tiny/checkpoints
+    python launch/rejection_sample.py +experiment=rejection_arith_tiny \
+        checkpoint.init_from=runs/grpo_arith_tiny/checkpoints
     python launch/sft.py +experiment=sft_arith_tiny checkpoint.init_from=BASE sft.source=jsonl \
         sft.path=runs/rejection_arith_tiny/traces.jsonl                         # SFT (or distil) on the kept traces
     torchrun --nproc_per_node=2 launch/rejection_sample.py ...                  # data parallel sampling

@@ -1,6 +1,7 @@
 """Config schema of post-training (R1): task families, rule rewards, cold-start SFT, GRPO.
 
-Kept apart from `schema.py` (pretraining); `Config` holds them as `tasks`, `rewards`, `sft` and `rl`."""
+Kept apart from `schema.py` (pretraining); `Config` holds them as `tasks`, `rewards`, `sft`, `rl` and
+`rejection`. Their rules: dsv3/rl/config_rules.py."""
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -151,90 +152,8 @@ class RejectionConfig:
     max_per_problem: int = 2
     """Distinct kept samples per problem at most (after deduplication)."""
     output: Optional[str] = None
-    """None = `<run dir>/traces.jsonl`. The kept samples, {"prompt", "completion", "family", "difficulty", "answer"} per line. Beside it,
+    """None = `<run dir>/traces.jsonl`. The kept samples, {"prompt", "completion", "family", "difficulty",
+    "answer"} per line. Beside it,
     `<output stem>.gold.jsonl`: every drawn problem answered with its gold answer alone (no reasoning),
     the baseline of distillation."""
 
-
-def validate_post_training(cfg) -> None:
-    """The rules of the tasks, rewards and sft sections (called by dsv3.config.validate)."""
-    import os
-
-    from dsv3.config.errors import ConfigError
-    from dsv3.rl.tasks import FAMILIES, MAX_DIFFICULTY
-
-    t = cfg.tasks
-    for f in t.families:
-        if f not in FAMILIES:
-            raise ConfigError("tasks.families", t.families, f"{f!r} is not one of {', '.join(FAMILIES)}")
-    if not t.families:
-        raise ConfigError("tasks.families", t.families, "must name at least one family")
-    if not t.difficulties or any(not 1 <= d <= MAX_DIFFICULTY for d in t.difficulties):
-        raise ConfigError("tasks.difficulties", t.difficulties, f"must be levels in 1..{MAX_DIFFICULTY}")
-    if not 0 < t.held_out_fraction < 1:
-        raise ConfigError("tasks.held_out_fraction", t.held_out_fraction, "must be in (0, 1)")
-    from dsv3.rl.rewards import WeightedReward
-
-    try:
-        WeightedReward(cfg.rewards)
-    except ValueError as e:
-        raise ConfigError("rewards", [r.name for r in cfg.rewards], str(e)) from None
-    s = cfg.sft
-    if s.source not in ("tasks", "jsonl"):
-        raise ConfigError("sft.source", s.source, "must be one of tasks, jsonl")
-    if s.source == "jsonl" and not (s.path and os.path.isfile(s.path)):
-        raise ConfigError("sft.path", s.path, "must be an existing JSONL file when sft.source=jsonl")
-    if s.examples < 1:
-        raise ConfigError("sft.examples", s.examples, "must be >= 1")
-    if s.val_examples < 1:
-        raise ConfigError("sft.val_examples", s.val_examples, "must be >= 1")
-    if s.tokenizer is not None and not os.path.isfile(s.tokenizer):
-        raise ConfigError("sft.tokenizer", s.tokenizer, "must be an existing tokenizer.json")
-    validate_rl(cfg.rl)
-    validate_rejection(cfg.rejection)
-
-
-def validate_rl(r) -> None:
-    from dsv3.config.errors import ConfigError
-
-    def need(ok: bool, key: str, value, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f"rl.{key}", value, allowed)
-
-    need(r.num_generations >= 2, "num_generations", r.num_generations, "must be >= 2 (a group needs two samples)")
-    for key in ("prompts_per_step", "prompt_pool", "max_new_tokens", "mu", "max_sampling_rounds", "eval_problems",
-                "eval_samples"):
-        need(getattr(r, key) >= 1, key, getattr(r, key), "must be >= 1")
-    need(r.temperature > 0, "temperature", r.temperature, "must be > 0 (GRPO samples; greedy has no groups)")
-    need(0 < r.top_p <= 1, "top_p", r.top_p, "must be in (0, 1] (1 = off)")
-    need(r.top_k >= 0, "top_k", r.top_k, "must be >= 0 (0 = off)")
-    need(0 <= r.epsilon < 1, "epsilon", r.epsilon, "must be in [0, 1)")
-    need(r.epsilon_high >= 0, "epsilon_high", r.epsilon_high, "must be >= 0")
-    need(r.beta >= 0, "beta", r.beta, "must be >= 0 (0 = no KL term, no reference model)")
-    need(r.kl_estimator in KL_ESTIMATORS, "kl_estimator", r.kl_estimator, f"must be one of {', '.join(KL_ESTIMATORS)}")
-    need(r.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation", r.loss_aggregation,
-         f"must be one of {', '.join(LOSS_AGGREGATIONS)}")
-    need(r.constant_normalizer is None or r.constant_normalizer >= 1, "constant_normalizer", r.constant_normalizer,
-         "must be >= 1, or null (= rl.max_new_tokens)")
-    need(r.expert_bias in ("freeze", "update"), "expert_bias", r.expert_bias, "must be one of freeze, update")
-    need(r.mtp in ("off", "train"), "mtp", r.mtp, "must be one of off, train")
-    need(r.eval_temperature >= 0, "eval_temperature", r.eval_temperature, "must be >= 0 (0 = greedy)")
-    from dsv3.rl.tasks import MAX_DIFFICULTY
-
-    need(all(1 <= d <= MAX_DIFFICULTY for d in r.eval_difficulties), "eval_difficulties", r.eval_difficulties,
-         f"must be levels in 1..{MAX_DIFFICULTY} (empty = tasks.difficulties)")
-
-
-
-def validate_rejection(r) -> None:
-    from dsv3.config.errors import ConfigError
-
-    for key in ("problems", "num_samples", "max_new_tokens", "max_per_problem"):
-        if getattr(r, key) < 1:
-            raise ConfigError(f"rejection.{key}", getattr(r, key), "must be >= 1")
-    if not r.temperature > 0:
-        raise ConfigError("rejection.temperature", r.temperature, "must be > 0 (several distinct samples are drawn)")
-    if not 0 < r.top_p <= 1:
-        raise ConfigError("rejection.top_p", r.top_p, "must be in (0, 1] (1 = off)")
-    if not 0 <= r.max_repetition <= 1:
-        raise ConfigError("rejection.max_repetition", r.max_repetition, "must be in [0, 1] (1 = keep all)")

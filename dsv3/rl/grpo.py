@@ -17,7 +17,9 @@ MoE in RL, where the frameworks are silent:
 - `rl.mtp`: `off` leaves the MTP modules untouched; `train` trains them on the sampled completions
   (their CE on the completion tokens, weight train.mtp_loss_weight), so MTP drafts keep up with the policy.
 """
+import dataclasses
 import logging
+import os
 import time
 from collections import defaultdict
 
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from dsv3.config.schema import Config
 from dsv3.data.tokenizer import eos_id
 from dsv3.generate import Generator, SamplingParams
+from dsv3.model.step_aux import StepAux, add_loads
 from dsv3.model.transformer import IGNORE
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.rl.evaluate import evaluate
@@ -36,6 +39,7 @@ from dsv3.rl.rollout import PromptStream, Sampler
 from dsv3.rl.tasks import mixture
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
+from dsv3.train.nonfinite import agree_on_step
 from dsv3.train.trainer import Trainer, build_model
 from dsv3.train.weights import load_initial_weights
 
@@ -68,6 +72,10 @@ class GRPOTrainer(Trainer):
                            tasks.seed, tasks.held_out_fraction)
         return PromptStream(tasks, r.prompt_pool, self.cfg.train.seed), held_out
 
+    def tokenizer_file(self) -> str:
+        """The extended tokenizer launch/grpo.py wrote next to the checkpoints (every checkpoint carries it)."""
+        return os.path.join(self.cfg.checkpoint.dir, "tokenizer.json")
+
     def _reference(self) -> torch.nn.Module:
         """The start model, frozen: loaded from checkpoint.init_from also when the run resumes."""
         ref = build_model(self.cfg, self.env.device)
@@ -89,7 +97,7 @@ class GRPOTrainer(Trainer):
             metrics.update(self._optimize(batch, lr))
         else:  # dynamic sampling found no group with a signal: nothing to learn from this step
             log.warning("step %d: every sampled group had equal rewards; no update", st.step + 1)
-            metrics.update(loss=0.0, grad_norm=0.0, skipped=1)
+            metrics.update(loss=0.0, grad_norm=0.0, skipped=0, no_signal=1)
         elapsed = time.perf_counter() - start
         st.step += 1
         st.consumed_samples += drawn
@@ -113,12 +121,17 @@ class GRPOTrainer(Trainer):
         s = defaultdict(float)      # sums over this rank's tokens, all-reduced at the end
         peaks = torch.zeros(2)      # max |ratio - 1| on the first inner step, max |sampler - trainer| log-prob
         bias_speed = schedules.bias_update_speed(self.state.step, t) if r.expert_bias == "update" else 0.0
+        # the MTP loss: a sum over completion tokens divided by the batch's count, like the policy's token_mean
+        step_aux = StepAux(loss_normalizer=float(data["mask"].sum().clamp(min=1)))
+        skipped = 0
         for inner in range(r.mu):
             self.model.train()
+            loads: dict = {}
             for j, idx in enumerate(chunks):
-                for moe in self.moe_layers:  # the balance loss, as a mean over the global batch's sequences
-                    moe.balance_loss_coeff = t.balance_loss_alpha * dp * len(idx) / N
-                logp, entropy, mtp = self._forward(data, idx, lam)
+                # the balance loss, as a mean over the global batch's sequences
+                aux = dataclasses.replace(step_aux.fresh(), balance_coeff=t.balance_loss_alpha * dp * len(idx) / N)
+                logp, entropy, mtp = self._forward(data, idx, lam, aux)
+                add_loads(loads, aux.loads)
                 if inner == 0:
                     old[j] = logp.detach()
                 mask = data["mask"][idx].to(dev)
@@ -132,7 +145,7 @@ class GRPOTrainer(Trainer):
                 s["mtp_loss"] += mtp.item() / r.mu
                 s["clip_low"] += float((terms.clipped_low * m).sum())
                 s["clip_high"] += float((terms.clipped_high * m).sum())
-                s["balance"] += sum(float(moe.last_balance_loss) for moe in self.moe_layers) * len(idx) / N / r.mu
+                s["balance"] += float(aux.balance_sum(dev)) * len(idx) / N / r.mu
                 if inner == 0:
                     s["tokens"] += float(m.sum())
                     s["entropy"] += float((entropy * m).sum())
@@ -146,9 +159,15 @@ class GRPOTrainer(Trainer):
                     peaks[1] = max(peaks[1], float(diff.max()) if diff.numel() else 0.0)
                 s["training_tokens"] += float(data["length"][idx].sum())
             grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip)
-            self.plan.optimizer_step(lr)
-            balance = update_router_biases(self.moe_layers, bias_speed, self.plan.sum_router_loads,
-                                           self.plan.all_layers)
+            # every rank's gradient norm finite, or no rank applies the step (train.on_nonfinite counts it)
+            _, finite = agree_on_step(torch.zeros(1, device=dev), grad_norm)
+            if finite:
+                self.plan.optimizer_step(lr)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped = 1
+            balance = update_router_biases(self.moe_layers, loads, bias_speed if finite else 0.0,
+                                           self.plan.sum_router_loads, self.plan.all_layers)
         keys = sorted(s)
         totals = torch.tensor([s[k] for k in keys], dtype=torch.float64, device=dev)
         all_reduce_sum(totals)
@@ -163,7 +182,7 @@ class GRPOTrainer(Trainer):
                "logprob_diff/mean_abs": g["diff"] / max(g["completion_tokens"], 1.0),
                "logprob_diff/max_abs": peaks[1].item(),
                "training_tokens": g["training_tokens"], "advantage_abs_mean": advantages.abs().mean().item(),
-               **balance}
+               "skipped": skipped, **balance}
         if self.reference is not None:
             out["kl"] = g["kl"] / tokens
         if r.mtp == "train":
@@ -176,19 +195,17 @@ class GRPOTrainer(Trainer):
         dev = self.env.device
         return data["inputs"][idx].to(dev), data["targets"][idx].to(dev)
 
-    def _forward(self, data: dict, idx: list[int], lam: float):
+    def _forward(self, data: dict, idx: list[int], lam: float, aux: StepAux):
         """The policy's log-probabilities and entropies of the targets of rows `idx`, and its MTP loss on
-        their completion tokens (a sum over them divided by the batch's count; 0 when MTP is off)."""
+        their completion tokens (a sum over them divided by aux.loss_normalizer; 0 when MTP is off)."""
         inputs, targets = self._rows(data, idx)
         with self.autocast:
-            h = self.model.hidden(inputs)
+            h = self.model.hidden(inputs, None, aux)
             logits = self.model.head(self.model.norm(h))
             mtp = torch.zeros((), device=inputs.device)
             if lam > 0:
                 labels = targets.masked_fill(~data["mask"][idx].to(inputs.device), IGNORE)
-                self.model.loss_normalizer = float(data["mask"].sum().clamp(min=1))
-                mtp = torch.stack(self.model.mtp_losses(h, inputs, labels)).mean()
-                self.model.loss_normalizer = None
+                mtp = torch.stack(self.model.mtp_losses(h, inputs, labels, None, aux)).mean()
         logp, entropy = token_logprobs(logits, targets, self.cfg.rl.temperature)
         return logp, entropy, mtp
 

@@ -153,7 +153,8 @@ def test_update_loop_micro_batching_and_resuming(base_checkpoint, tmp_path, digi
                         os.path.join(ROOT, "tests", "rl", "grpo_with_test_reward.py"), f"hydra.run.dir={dp_dir}",
                         "+experiment=grpo_tiny", "train.threads=1", f"checkpoint.init_from={base_checkpoint}",
                         f"checkpoint.dir={dp_dir}/checkpoints", *SIGNAL, "train.micro_batch_size=4"],
-                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     for a, b in zip(read_metrics(str(dp_dir)), split):
         assert a["reward"] == b["reward"]
@@ -175,7 +176,7 @@ def grpo_config(base_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("key,value", [
     ("rl.num_generations", 1), ("rl.kl_estimator", "k4"), ("rl.loss_aggregation", "seq_sum"), ("rl.epsilon", 1.5),
     ("rl.temperature", 0.0), ("rl.expert_bias", "learn"), ("rl.mu", 0), ("rl.constant_normalizer", 0),
-    ("parallel.ep", 2), ("precision.dtype", "fp8"), ("rejection.num_samples", 0), ("rejection.max_repetition", 2.0)])
+    ("parallel.ep", 2), ("precision.dtype", "fp8"), ("precision.dtype", "fp16"), ("rejection.num_samples", 0), ("rejection.max_repetition", 2.0)])
 def test_bad_settings_are_refused_naming_the_key(grpo_config, key, value):
     """What launch/grpo.py checks before any work (it prints the error and exits 2)."""
     from dsv3.config.validate import validate
