@@ -63,9 +63,6 @@ def main(dcfg: DictConfig) -> None:
     from dsv3.rl.grpo import GRPOTrainer
 
     env = init_env(cfg.train.device)
-    if env.is_main:
-        os.makedirs(cfg.checkpoint.dir, exist_ok=True)
-        tokenizer.save(os.path.join(cfg.checkpoint.dir, "tokenizer.json"))
     try:
         GRPOTrainer(cfg, run_dir, env, tokenizer).run()
     finally:

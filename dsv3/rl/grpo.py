@@ -73,8 +73,13 @@ class GRPOTrainer(Trainer):
         return PromptStream(tasks, r.prompt_pool, self.cfg.train.seed), held_out
 
     def tokenizer_file(self) -> str:
-        """The extended tokenizer launch/grpo.py wrote next to the checkpoints (every checkpoint carries it)."""
-        return os.path.join(self.cfg.checkpoint.dir, "tokenizer.json")
+        """The extended tokenizer, written next to the checkpoints (where launch/generate.py looks) and
+        copied into every checkpoint."""
+        path = os.path.join(self.cfg.checkpoint.dir, "tokenizer.json")
+        if self.env.is_main and not os.path.isfile(path):
+            os.makedirs(self.cfg.checkpoint.dir, exist_ok=True)
+            self.tokenizer.save(path)
+        return path
 
     def _reference(self) -> torch.nn.Module:
         """The start model, frozen: loaded from checkpoint.init_from also when the run resumes."""
