@@ -168,6 +168,22 @@ def test_update_loop_micro_batching_and_resuming(base_checkpoint, tmp_path, digi
         assert step2[key] == second[key], key
 
 
+def test_dynamic_sampling_and_truncation_masking(base_checkpoint, tmp_path, digit_reward):
+    """DAPO's switches. Dynamic sampling with a reward that is 0 for every sample (no group has a
+    signal): every round's groups are dropped, `max_sampling_rounds` rounds are drawn, and the step
+    makes no update. Masking truncated completions when all of them are cut (a noise model never stops
+    within 12 tokens): no token counts, so the loss and the gradient are 0 though the rewards differ."""
+    dynamic = run_in_process(base_checkpoint, str(tmp_path / "d"), *SIGNAL, "train.max_steps=1",
+                             "rewards=[{name:format,weight:1.0}]", "rl.dynamic_sampling=true",
+                             "rl.max_sampling_rounds=2")[0]
+    assert (dynamic["sampling_rounds"], dynamic["prompts_drawn"], dynamic["groups_kept"]) == (2, 8, 0)
+    assert dynamic["no_signal"] == 1 and dynamic["frac_zero_std"] == 1.0 and dynamic["skipped"] == 0
+    masked = run_in_process(base_checkpoint, str(tmp_path / "m"), *SIGNAL, "train.max_steps=1",
+                            "rl.mask_truncated=true", "rl.scale_advantages=false", "rl.loss_aggregation=constant")[0]
+    assert masked["truncation_rate"] == 1.0 and masked["advantage_abs_mean"] > 0
+    assert masked["loss"] == 0.0 and masked["grad_norm"] == 0.0
+
+
 @pytest.fixture(scope="module")
 def grpo_config(base_checkpoint, tmp_path_factory):
     return compose(base_checkpoint, str(tmp_path_factory.mktemp("cfg")))
