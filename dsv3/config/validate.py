@@ -14,6 +14,7 @@ DATA_SOURCES = ("stdlib", "shards")
 DEVICES = ("auto", "cpu", "cuda")
 MOMENT_DTYPES = ("fp32", "bf16")
 GROUPED_GEMM_IMPLS = ("auto", "triton", "torch", "reference")
+ZERO_STAGES = (0, 1, 2)
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -109,6 +110,50 @@ def validate_overlap(p: Any) -> None:
     _require(p.pp == 1 or p.pp_schedule in PAIR_SCHEDULES, "parallel.overlap", p.overlap,
              f"true needs F&B pairs: parallel.pp=1 (accumulation pairs) or parallel.pp_schedule one of "
              f"{', '.join(PAIR_SCHEDULES)} (got pp={p.pp}, {p.pp_schedule}); use false or null")
+
+
+def validate_zero(p: Any, o: Any) -> None:
+    """ZeRO through DeepSpeed (dsv3/parallel/zero.py); what DeepSpeed cannot do is refused here."""
+    _require(p.zero in ZERO_STAGES, "parallel.zero", p.zero,
+             "must be 0 (no sharding), 1 (optimizer state sharded) or 2 (gradients too); ZeRO-3 is not supported")
+    if p.zero == 0 and not p.offload_optimizer:
+        return
+    key = "parallel.zero" if p.zero else "parallel.offload_optimizer"
+    value = p.zero if p.zero else p.offload_optimizer
+    # ZeRO-2 reduce-scatters each gradient into its dp partition inside the backward's hooks; tensors
+    # several pipeline ranks hold need their gradients summed over those ranks first, and the executor's
+    # split backward fills weight gradients outside those hooks (DeepSpeed's pipeline engine refuses
+    # ZeRO-2 too).
+    _require(p.zero != 2 or p.pp == 1, "parallel.zero", p.zero,
+             f"2 is not supported with pipeline parallelism (parallel.pp={p.pp}): use parallel.zero=1")
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure means it cannot run
+        raise ConfigError(key, value, f"needs DeepSpeed, which cannot be imported here ({type(e).__name__}: {e}); "
+                                      "pip install 'deepspeed>=0.19,<0.20' ninja") from None
+    if p.offload_optimizer:
+        _require(o.moment_dtype == "fp32", "optim.moment_dtype", o.moment_dtype,
+                 "must be fp32 with parallel.offload_optimizer=true: DeepSpeed's CPU Adam keeps its moments in "
+                 "the master weights' dtype (fp32); bf16 moments need parallel.offload_optimizer=false")
+        from dsv3.parallel.zero import cpu_adam_available
+
+        why = cpu_adam_available()
+        _require(why is None, "parallel.offload_optimizer", p.offload_optimizer,
+                 f"needs DeepSpeed's CPU Adam, which cannot be built here: {why}")
+
+
+def validate_activation_checkpointing(t: Any, p: Any) -> None:
+    from dsv3.parallel.plan import overlap_enabled_for
+    from dsv3.train.recompute import MODES
+
+    _one_of("train.activation_checkpointing", t.activation_checkpointing, tuple(MODES))
+    # F&B pairs run a forward and a backward on two threads that trade turns at every all-to-all; a
+    # recomputed MoE layer would interleave with the paired forward of the same layer, whose router
+    # statistics it shares.
+    _require(t.activation_checkpointing not in ("full", "moe") or not overlap_enabled_for(p),
+             "train.activation_checkpointing", t.activation_checkpointing,
+             "full and moe recompute the MoE layers, which cannot run inside the F&B pairs of the expert "
+             "all-to-all overlap: set parallel.overlap=false, or use attention")
 
 
 def validate_pipeline_parallel(m: Any, p: Any, t: Any) -> None:
@@ -248,6 +293,8 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
              f"dp * pp must equal the world size ({world_size}); -1 infers dp")
     validate_expert_parallel(m, p, dp, world_size if local_world_size is None else local_world_size)
     validate_overlap(p)
+    validate_zero(p, o)
+    validate_activation_checkpointing(t, p)
 
     _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "must be > 0")

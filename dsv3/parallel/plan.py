@@ -226,7 +226,10 @@ def overlap_enabled(cfg: Config) -> bool:
     """parallel.overlap, with null meaning: on wherever there is something to overlap (expert
     parallelism, and F&B pairs: DualPipe's, DualPipeV's, or the accumulation's without a pipeline).
     Validation refuses `true` where there is not."""
-    p = cfg.parallel
+    return overlap_enabled_for(cfg.parallel)
+
+
+def overlap_enabled_for(p: ParallelConfig) -> bool:
     if p.overlap is not None:
         return bool(p.overlap)
     return p.ep > 1 and (p.pp == 1 or p.pp_schedule in PAIR_SCHEDULES)
