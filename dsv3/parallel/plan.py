@@ -66,6 +66,7 @@ class Plan:
         self.runner, self.experts, self.replicas, self.comm = runner, experts, replicas, comm
         self.zero = zero
         self._max_norm = 0.0
+        self._memory_reported = False
         self.local_moes = [n for n, m in model.named_modules() if isinstance(m, MoE)]  # model order
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
@@ -149,13 +150,30 @@ class Plan:
         """What the plan measured during the last step, for the metrics log: the expert all-to-alls'
         time from issue to completion and the part of it no computation hid (exposed), in seconds;
         the same for those inside F&B pairs (the ones the overlap can hide)."""
+        out: dict = {}
+        if not self._memory_reported:   # once, after the first step created the optimizer state
+            self._memory_reported = True
+            out["optim_state_bytes"] = _per_rank(self.optimizer_state_bytes())
+            if self.zero is not None:
+                out["master_weight_bytes"] = _per_rank(sum(t.numel() * t.element_size()
+                                                           for t in self.zero.master_tensors()))
         stats = self.comm.take_stats()
         if not stats.calls:
-            return {}
-        out = {"a2a_s": stats.in_flight_s, "a2a_exposed_s": stats.exposed_s}
+            return out
+        out.update(a2a_s=stats.in_flight_s, a2a_exposed_s=stats.exposed_s)
         if stats.pair_calls:
             out.update(a2a_pair_s=stats.pair_in_flight_s, a2a_pair_exposed_s=stats.pair_exposed_s)
         return out
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds, summed over the tensors themselves: AdamW's moments
+        and step counts (under ZeRO those of its partitions, wherever they live; its fp32 master-weight
+        partitions are reported apart, as `master_weight_bytes`)."""
+        if self.zero is not None:
+            tensors = self.zero.state_tensors()
+        else:
+            tensors = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def describe(self) -> str:
         lay, p = self.layout, self.cfg_parallel
@@ -197,6 +215,15 @@ class Plan:
     def to_local(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
         """Inverse of `to_global` (after a load filled the global view in place)."""
         return self.experts.to_local(model_sd, optim_sd)
+
+
+def _per_rank(value: int) -> list[int]:
+    """`value` of every rank, in rank order (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def build_plan(model: Transformer, cfg: Config, env: Env) -> Plan:
