@@ -11,7 +11,7 @@ from dsv3.train.memory import PeakMemory
 from dsv3.train.recompute import apply_activation_checkpointing
 
 # Wide enough that activations, not weights, dominate: 8 x 256 tokens, each sent to 4 experts.
-CFG = ModelConfig(vocab_size=512, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=3, n_dense_layers=1,
+CFG = ModelConfig(vocab_size=512, dim=128, inter_dim=256, moe_inter_dim=64, n_layers=2, n_dense_layers=1,
                   n_heads=4, n_routed_experts=8, n_activated_experts=4, max_seq_len=256, mtp_depth=1)
 
 
