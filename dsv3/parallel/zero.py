@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 # Elements per gradient bucket (DeepSpeed allocates two of them with overlap_comm). A reduction per
 # ~25M values is DDP's default scale; small models get one bucket of their own size.
 BUCKET_NUMEL = 25_000_000
-EXPERT_GROUP = "routed_experts"   # DeepSpeed's name of the expert groups (a parameter's `group_name`)
+EXPERT_GROUP = "routed_experts"
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")   # AdamW's state of one parameter   # DeepSpeed's name of the expert groups (a parameter's `group_name`)
 
 
 def ensure_process_group() -> None:
@@ -389,8 +390,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, zero: ZeroDataParallel, groups: list[dict]):
         super().__init__(groups, dict(lr=0.0))
         self.zero = zero
-        # Non-empty: torch's checkpoint helpers would otherwise "initialize" the state by stepping.
-        self.state = _Partitioned()
+        # The names of each parameter's state, with no values (they live in the partitions): torch's
+        # checkpoint helpers read the names, and an empty state would make them "initialize" it by stepping.
+        self.state = {q: dict.fromkeys(STATE_KEYS) for g in self.param_groups for q in g["params"]}
 
     def step(self, closure=None):
         raise RuntimeError("under ZeRO the step is the plan's: Plan.optimizer_step(lr)")
@@ -407,16 +409,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         params = [q for g in self.param_groups for q in g["params"]]
         names = {id(q): n for n, q in self.zero.named}
-        whole = {names[id(params[int(i)])]: s for i, s in state_dict["state"].items()}
+        # keyed by parameter name (torch's set_state_dict) or by position (Optimizer.state_dict's form)
+        whole = {k if isinstance(k, str) else names[id(params[int(k)])]: s for k, s in state_dict["state"].items()}
         missing = [names[id(q)] for q in params if names[id(q)] not in whole]
         if missing:
             raise ValueError(f"the checkpoint has no optimizer state for {missing[:3]}")
         self.zero.scatter(whole)
         self.zero.refresh_master_weights()
 
-
-class _Partitioned(dict):
-    """Stands for the partitioned state held by DeepSpeed (see ZeroOptimizer)."""
-
-    def __bool__(self) -> bool:
-        return True
