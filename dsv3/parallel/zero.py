@@ -228,7 +228,7 @@ class ZeroDataParallel:
             gradient_accumulation_dtype=torch.float32, communication_data_type=torch.float32,
             partition_grads=self.stage == 2, has_moe_layers=has_experts, check_grad_overflow=False)
         self.groups = self._describe_groups(kinds)
-        self.view = ZeroOptimizer(self, groups_for_view(self.named, o.weight_decay))
+        self.view = ZeroOptimizer(self, groups_for_view(self.named, o.weight_decay), o)
         return self.view
 
     def _describe_groups(self, kinds: list[list[str]]) -> list[_Group]:
@@ -387,8 +387,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     to DeepSpeed's partitions: collective over the data-parallel groups, every rank calls them). The
     step itself is the plan's (`Plan.optimizer_step`)."""
 
-    def __init__(self, zero: ZeroDataParallel, groups: list[dict]):
-        super().__init__(groups, dict(lr=0.0))
+    def __init__(self, zero: ZeroDataParallel, groups: list[dict], o: OptimConfig):
+        # AdamW's hyperparameters in every group: a checkpoint's param_groups have the same keys with
+        # or without ZeRO, so either loads the other's.
+        super().__init__(groups, dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=0.0))
         self.zero = zero
         # The names of each parameter's state, with no values (they live in the partitions): torch's
         # checkpoint helpers read the names, and an empty state would make them "initialize" it by stepping.
