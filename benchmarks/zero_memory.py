@@ -2,7 +2,8 @@
 
     python benchmarks/zero_memory.py          # ~10 minutes on 2 cores; writes docs/zero_memory.json
 
-For each plan (dp=4; dp=4 x ep=2; pp=2 x dp=2 with 1F1B) and each data-parallel option (plain, ZeRO-1,
+For each plan (dp=4; dp=4 x ep=2, without the all-to-all overlap, which full checkpointing cannot join;
+pp=2 x dp=2 with 1F1B) and each data-parallel option (plain, ZeRO-1,
 ZeRO-2, ZeRO-1 + optimizer offload, and plain with full activation checkpointing), 4 gloo processes
 train the moe_small model for a few steps through the plan interface and report, per rank:
 tokens/s; bytes moved per step by each kind of collective (a counting wrapper around
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import inspect
 import json
 import os
 import sys
@@ -28,9 +30,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-KINDS = {"all_reduce": "all_reduce", "reduce_scatter_tensor": "reduce_scatter", "reduce_scatter": "reduce_scatter",
-         "all_gather": "all_gather", "all_gather_into_tensor": "all_gather", "all_to_all_single": "all_to_all",
-         "broadcast": "broadcast", "send": "p2p", "isend": "p2p", "reduce": "reduce"}
+# torch.distributed function -> (kind, the argument whose bytes this rank contributes)
+KINDS = {"all_reduce": ("all_reduce", "tensor"), "reduce": ("reduce", "tensor"),
+         "reduce_scatter": ("reduce_scatter", "input_list"), "reduce_scatter_tensor": ("reduce_scatter", "input"),
+         "all_gather": ("all_gather", "tensor"), "all_gather_into_tensor": ("all_gather", "input_tensor"),
+         "all_to_all_single": ("all_to_all", "input"), "all_to_all": ("all_to_all", "input_tensor_list"),
+         "broadcast": ("broadcast", "tensor")}
+# (isend itself is not wrapped: P2POp checks it is torch's own function; batch_isend_irecv is, below)
 
 
 def _nbytes(x) -> int:
@@ -42,29 +48,39 @@ def _nbytes(x) -> int:
 
 
 class CollectiveCounter:
-    """Wraps torch.distributed's collectives: bytes this rank contributes, per kind (the input of a
-    reduction or a gather, what a rank sends in an all-to-all or a send)."""
+    """Wraps torch.distributed's collectives (DeepSpeed's pass through them too, with keyword arguments):
+    per kind, the bytes this rank contributes (a reduction's input, a gather's own shard, what it sends
+    in an all-to-all or a pipeline send, a broadcast's tensor). On a ring, the bytes on the wire per rank are
+    2(N-1)/N of an all-reduce's payload, (N-1)/N of a reduce-scatter's and (N-1) times a gather's."""
 
     def __init__(self):
         self.bytes: dict[str, int] = {}
         self._orig = {}
 
     def __enter__(self):
-        for name, kind in KINDS.items():
+        for name, (kind, arg) in KINDS.items():
             fn = getattr(dist, name, None)
             if fn is None:
                 continue
             self._orig[name] = fn
+            signature = inspect.signature(fn)
 
             @functools.wraps(fn)
-            def wrapped(*args, _fn=fn, _kind=kind, _name=name, **kwargs):
-                payload = args[1] if _name in ("all_gather", "all_gather_into_tensor", "reduce_scatter",
-                                                "reduce_scatter_tensor", "all_to_all_single") and len(args) > 1 \
-                    else (args[0] if args else next(iter(kwargs.values())))
+            def wrapped(*args, _fn=fn, _kind=kind, _arg=arg, _sig=signature, **kwargs):
+                payload = _sig.bind(*args, **kwargs).arguments[_arg]
                 self.bytes[_kind] = self.bytes.get(_kind, 0) + _nbytes(payload)
                 return _fn(*args, **kwargs)
 
             setattr(dist, name, wrapped)
+        batch = self._orig["batch_isend_irecv"] = dist.batch_isend_irecv
+
+        @functools.wraps(batch)
+        def batched(ops):   # the pipeline's point-to-point transfers: what this rank sends
+            sent = sum(_nbytes(op.tensor) for op in ops if op.op in (dist.isend, dist.send))
+            self.bytes["p2p"] = self.bytes.get("p2p", 0) + sent
+            return batch(ops)
+
+        dist.batch_isend_irecv = batched
         return self
 
     def __exit__(self, *exc):
@@ -148,7 +164,7 @@ def make_config(plan: str, option: str):
 
     overrides = ["+experiment=moe_small", "train.device=cpu", "train.global_batch_size=8", "train.micro_batch_size=2",
                  "data.seq_len=128", "checkpoint.dir=/tmp/unused"]
-    overrides += {"dp4": [], "dp4_ep2": ["parallel.ep=2"],
+    overrides += {"dp4": [], "dp4_ep2": ["parallel.ep=2", "parallel.overlap=false"],
                   "pp2_dp2": ["parallel.pp=2", "parallel.pp_schedule=1f1b", "train.micro_batch_size=1"]}[plan]
     overrides += {"plain": [], "zero1": ["parallel.zero=1"], "zero2": ["parallel.zero=2"],
                   "zero1_offload": ["parallel.zero=1", "parallel.offload_optimizer=true"],
@@ -158,7 +174,11 @@ def make_config(plan: str, option: str):
 
     register()
     with initialize_config_dir(config_dir=root, version_base=None):
-        return to_config(compose(config_name="config", overrides=overrides))
+        cfg = to_config(compose(config_name="config", overrides=overrides))
+    from dsv3.config.validate import validate
+
+    validate(cfg, world_size=4)   # what the trainer would refuse is not measured
+    return cfg
 
 
 def optimizer_step_times(repeats: int) -> dict:

@@ -8,7 +8,8 @@ gradient scale or missed reduction shows at 1e-3 (grad_norm at once).
   partitions): each rank's optimizer state (AdamW moments, measured from the tensors) is 1/4 of the
   single process's, up to DeepSpeed's alignment padding.
 - dp=2 x ep=2 ZeRO-1 (expert partitions over their EDP group); its checkpoint resumes in one process.
-- pp=2 x dp=2 ZeRO-1 under 1F1B, and under DualPipe with experts (pp=2 x ep=2, the all-to-all overlap on).
+- pp=2 x dp=2 ZeRO-1 under 1F1B, and under DualPipe with experts (pp=2 x ep=2, the all-to-all overlap on),
+  each with activation checkpointing (full blocks; attention).
 - optimizer offload (DeepSpeed's CPU Adam) with full activation checkpointing, one process, the
   single-card setting: equal to no offload within CPU Adam's rounding (1e-5).
 
@@ -113,13 +114,16 @@ def test_zero1_with_experts_and_its_checkpoint_in_one_process(runs):
 
 
 @pytest.mark.parametrize("name,overrides", [
-    ("pp2_1f1b", ("parallel.pp=2", "parallel.pp_schedule=1f1b")),
-    ("pp2_ep2_dualpipe", ("parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe")),
+    # activation checkpointing rides along: recomputation inside the executor's stages (full blocks
+    # under 1F1B; attention only under DualPipe, whose F&B pairs cannot recompute MoE layers)
+    ("pp2_1f1b", ("parallel.pp=2", "parallel.pp_schedule=1f1b", "train.activation_checkpointing=full")),
+    ("pp2_ep2_dualpipe", ("parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=dualpipe",
+                          "train.activation_checkpointing=attention")),
 ])
 def test_zero1_inside_pipeline_stages_trains_like_one_process(runs, name, overrides):
     single = read_metrics(runs("single", 1)[0])
     run_dir, out = runs(name, 4, *overrides, "parallel.zero=1")
-    assert "pp=2" in out and "ZeRO-1" in out
+    assert "pp=2" in out and "ZeRO-1" in out and "activation checkpointing" in out
     assert_close(single, read_metrics(run_dir))
 
 
