@@ -43,11 +43,13 @@ from dsv3.train.optim import DTYPES, AdamW, decays
 
 log = logging.getLogger(__name__)
 
-# Elements per gradient bucket (DeepSpeed allocates two of them with overlap_comm). A reduction per
-# ~25M values is DDP's default scale; small models get one bucket of their own size.
-BUCKET_NUMEL = 25_000_000
-EXPERT_GROUP = "routed_experts"
-STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")   # AdamW's state of one parameter   # DeepSpeed's name of the expert groups (a parameter's `group_name`)
+# Gradient values per bucket: DDP's default bucket, 25 MiB of fp32 gradients. A bucket is reduced as
+# soon as the backward has filled it, so a model of several buckets reduces while its backward runs;
+# DeepSpeed keeps two buckets with overlap_comm (one filling, one in flight). Smaller models get one
+# bucket of their own size.
+BUCKET_NUMEL = 25 * 2**20 // 4
+EXPERT_GROUP = "routed_experts"   # DeepSpeed's name of the expert groups (a parameter's `group_name`)
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")   # AdamW's state of one parameter
 
 
 def ensure_process_group() -> None:
