@@ -101,6 +101,7 @@ def _worker(rank: int, world: int, port: int, case: dict, steps: int, out_dir: s
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
+    from dsv3.model.step_aux import StepAux
     from dsv3.parallel.mesh import Env
     from dsv3.parallel.plan import build_plan
     from dsv3.train.memory import PeakMemory
@@ -114,8 +115,7 @@ def _worker(rank: int, world: int, port: int, case: dict, steps: int, out_dir: s
         plan.build_optimizer(cfg.optim)
         t = cfg.train
         n_micro = t.global_batch_size // (t.micro_batch_size * plan.dp)
-        for moe in model.moe_layers():
-            moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
+        aux = StepAux(balance_coeff=t.balance_loss_alpha / n_micro)
         gen = torch.Generator().manual_seed(rank)
 
         def micro_batch(j):
@@ -130,7 +130,7 @@ def _worker(rank: int, world: int, port: int, case: dict, steps: int, out_dir: s
             dist.barrier()
             start = time.perf_counter()
             with PeakMemory("cpu") as mem:
-                plan.train_step(micro_batch, n_micro, 0.3, contextlib.nullcontext())
+                plan.train_step(micro_batch, n_micro, 0.3, aux, contextlib.nullcontext())
                 plan.reduce_and_clip(1.0)
                 plan.optimizer_step(1e-4)
             times.append(time.perf_counter() - start)

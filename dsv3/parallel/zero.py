@@ -299,6 +299,20 @@ class ZeroDataParallel:
             for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(chunk.view_as(g))
 
+    def discard_gradients(self) -> None:
+        """A step not applied (non-finite gradients): what the reduction put into the partitions goes,
+        as in DeepSpeed's own overflow path, so that the next step starts from none."""
+        z = self.zopt
+        z.zero_grad(set_to_none=True)
+        z._release_preflattened_grad_buffers()
+        if self.offload:
+            z.reset_cpu_buffers()
+        else:
+            for k in z.averaged_gradients:
+                z.averaged_gradients[k] = None
+                z.all_grad_tensors[k] = None
+        z.step_norm = None
+
     def step(self, lr: float, max_norm: float) -> None:
         z = self.zopt
         z.clip_grad = max_norm
@@ -400,6 +414,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         raise RuntimeError("under ZeRO the step is the plan's: Plan.optimizer_step(lr)")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The trainer's way of not applying a step: the partitions' reduced gradients go too."""
+        self.zero.discard_gradients()
 
     def state_dict(self) -> dict:
         whole = self.zero.gather()

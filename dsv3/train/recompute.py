@@ -12,9 +12,9 @@ change, so checkpoints, pipeline cuts and expert slices see the same model.
     attention  only MLA (its up-projections and the attention core)
 
 The recomputation is numerically the forward again (same inputs, same kernels): losses and gradients
-are bit-identical to no checkpointing. One side effect of a forward must not happen twice: the
-router's token counts (the aux-loss-free bias update reads them), so a recomputed router takes its
-counts back out (exact: integer counts in fp32).
+are bit-identical to no checkpointing. What a forward records must not be recorded twice: the expert
+counts and balance losses it writes into the step's `StepAux` (the aux-loss-free bias update and the
+log read them), so a recomputed module writes into a throwaway copy (`StepAux.fresh()`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dsv3.model.mla import MLA
-from dsv3.model.moe import MoE, Gate
+from dsv3.model.moe import MoE
+from dsv3.model.step_aux import StepAux
 from dsv3.model.transformer import Block
 
 MODES = {"none": (), "full": (Block,), "moe": (MoE,), "attention": (MLA,)}
@@ -49,17 +50,20 @@ def _contexts():
     return nullcontext(), _recomputing()
 
 
+def _throwaway(x):
+    return x.fresh() if isinstance(x, StepAux) else x
+
+
 def _checkpointed(forward, *args, **kwargs):
     if not torch.is_grad_enabled():     # evaluation: nothing is kept anyway
         return forward(*args, **kwargs)
-    return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
+    def run(*a, **k):
+        if getattr(_state, "active", False):   # recomputing: the first forward has recorded already
+            a, k = tuple(map(_throwaway, a)), {n: _throwaway(v) for n, v in k.items()}
+        return forward(*a, **k)
 
-def _uncount_recomputed_routing(gate: Gate, inputs, outputs) -> None:
-    if getattr(_state, "active", False) and gate.training:
-        indices = outputs[1]
-        with torch.no_grad():
-            gate.expert_load -= torch.bincount(indices.flatten(), minlength=gate.expert_load.numel())
+    return checkpoint(run, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
@@ -75,7 +79,4 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
             # An instance attribute shadows the class's forward; nn.Module.__call__ calls it.
             module.forward = functools.partial(_checkpointed, module.forward)
             wrapped += 1
-    for module in model.modules():
-        if isinstance(module, Gate):
-            module.register_forward_hook(_uncount_recomputed_routing)
     return wrapped
