@@ -36,6 +36,10 @@ def prepare(cfg):
         key, value = ("parallel.ep", p.ep) if p.ep != 1 else ("parallel.pp", p.pp)
         raise ConfigError(key, value, "GRPO runs data parallel only (parallel.ep=1, parallel.pp=1): sampling under "
                           "expert or pipeline parallelism is not supported yet")
+    if p.zero != 0 or p.offload_optimizer:
+        key, value = ("parallel.zero", p.zero) if p.zero != 0 else ("parallel.offload_optimizer", True)
+        raise ConfigError(key, value, "GRPO runs plain data parallel (parallel.zero=0, no optimizer offload): "
+                          "its own backward is not wired to ZeRO's gradient reduction yet")
     if cfg.precision.dtype not in ("fp32", "bf16"):
         raise ConfigError("precision.dtype", cfg.precision.dtype, "GRPO runs in fp32 or bf16 (FP8 and fp16 RL are not "
                           "supported yet)")

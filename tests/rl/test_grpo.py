@@ -192,7 +192,7 @@ def grpo_config(base_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("key,value", [
     ("rl.num_generations", 1), ("rl.kl_estimator", "k4"), ("rl.loss_aggregation", "seq_sum"), ("rl.epsilon", 1.5),
     ("rl.temperature", 0.0), ("rl.expert_bias", "learn"), ("rl.mu", 0), ("rl.constant_normalizer", 0),
-    ("parallel.ep", 2), ("precision.dtype", "fp8"), ("precision.dtype", "fp16"), ("rejection.num_samples", 0), ("rejection.max_repetition", 2.0)])
+    ("parallel.ep", 2), ("precision.dtype", "fp8"), ("precision.dtype", "fp16"), ("parallel.zero", 1), ("rejection.num_samples", 0), ("rejection.max_repetition", 2.0)])
 def test_bad_settings_are_refused_naming_the_key(grpo_config, key, value):
     """What launch/grpo.py checks before any work (it prints the error and exits 2)."""
     from dsv3.config.validate import validate
