@@ -160,6 +160,10 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
     moment_dtype: str = "fp32"
     """Dtype of AdamW's first and second moments: fp32 | bf16 (V3 keeps them in BF16)."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise learning rates: the output head, final norm and MTP modules train at the schedule's
+    rate, layer i at layer_lr_decay ** (n_layers - i) times it and the embedding at
+    layer_lr_decay ** (n_layers + 1); 1.0 = one rate for all (V3). In (0, 1]."""
 
 
 @dataclass
@@ -244,6 +248,11 @@ class TrainConfig:
     """auto | cpu | cuda."""
     threads: int = 0
     """CPU intra-op threads (torch.set_num_threads); 0 = torch's default."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[a, b]: record a torch.profiler trace (with memory) of training steps a..b into <run dir>/profile/;
+    [] = off."""
+    compile: bool = False
+    """torch.compile every transformer block (main layers and MTP modules), in place."""
 
 
 @dataclass
@@ -272,6 +281,27 @@ class KernelsConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go besides `metrics.jsonl`, TensorBoard and the log, and how throughput is judged."""
+
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`; not a dependency of dsv3)."""
+    wandb_project: str = "dsv3"
+    """W&B project."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user); default: yours."""
+    wandb_name: Optional[str] = None
+    """Display name of the W&B run; default: `run_name`."""
+    wandb_id: Optional[str] = None
+    """W&B run id; default: derived from `run_name` and the run directory, so a resumed run continues it."""
+    wandb_mode: str = "online"
+    """online | offline (no network: the run is written under <run dir>/wandb; `wandb sync` uploads it)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for the MFU; 0 = the datasheet's dense BF16 rate of a known GPU, else
+    measured at start-up (a GEMM in the run's compute dtype)."""
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -285,3 +315,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -215,6 +215,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _require(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "must be >= 0")
     _require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _require(0 < o.layer_lr_decay <= 1, "optim.layer_lr_decay", o.layer_lr_decay,
+             "must be in (0, 1] (1 = one learning rate for all layers)")
     for phase in o.tail:
         _require(len(phase) == 2 and phase[0] >= 0 and phase[1] >= 0, "optim.tail", list(o.tail),
                  "must be a list of [steps, lr] pairs")

@@ -10,14 +10,15 @@ from dsv3.model.moe import MoE
 @torch.no_grad()
 def update_router_biases(moe_layers: list[MoE], speed: float,
                          all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
-                         all_layers: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
+                         all_layers: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict:
     """Read and reset every router's counts (summed over ranks by `all_reduce`), apply b_i += gamma *
-    sign(mean load - load_i), and return load-balance figures of this step.
+    sign(mean load - load_i), and return load-balance figures of this step, and the counts
+    [layers, experts] under "expert_load" (where this rank has MoE layers).
 
     MaxVio = (max_i load_i - mean load) / mean load, per layer (Wang et al., 2024, the metric V3 reports),
     reported over the model's every MoE layer: `all_layers` maps this rank's per-layer values to those of
     all layers when a rank holds only some (pipeline stages)."""
-    max_vio = torch.zeros(0)
+    max_vio, loads = torch.zeros(0), None
     if moe_layers:
         loads = torch.stack([moe.gate.expert_load for moe in moe_layers])  # [layers, experts]
         if all_reduce is not None:
@@ -31,4 +32,6 @@ def update_router_biases(moe_layers: list[MoE], speed: float,
         max_vio = all_layers(max_vio)
     if max_vio.numel() == 0:
         return {}
-    return {"max_vio": max_vio.mean().item(), "max_vio_worst_layer": max_vio.max().item()}
+    figures = {"max_vio": max_vio.mean().item(), "max_vio_worst_layer": max_vio.max().item()}
+    # this rank's layers' counts (summed over ranks), for the per-expert load log (routing_stats.py)
+    return figures if loads is None else {**figures, "expert_load": loads}

@@ -26,8 +26,12 @@ from dsv3.parallel.plan import apply_parallel_plan
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.train.heldout import heldout_figures, heldout_names, heldout_sums
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.optim import DTYPES, AdamW, parameter_groups
+from dsv3.train.perf import Throughput
+from dsv3.train.profiling import StepProfiler
+from dsv3.train.routing_stats import ExpertLoadLog, RoutedTokenCounter
 from dsv3.train.stop_signals import StopSignals
 from dsv3.train.weights import load_initial_weights
 
@@ -76,13 +80,17 @@ class Trainer:
         self.plan = apply_parallel_plan(self.model, cfg, env)
         self.moe_layers = self.model.moe_layers()
         o = cfg.optim
-        self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                               moment_dtype=DTYPES[o.moment_dtype])
+        self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay, o.layer_lr_decay), lr=o.lr,
+                               betas=o.betas, eps=o.eps, moment_dtype=DTYPES[o.moment_dtype])
         self.state = TrainState()
         # fp8 on a GPU: BF16 for what stays out of FP8 (V3 report); on CPU fp32 (the emulation).
         bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "fp8" and env.device.type == "cuda")
         self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps)
+        self.expert_loads = ExpertLoadLog(run_dir, env.is_main)
+        self.profiler = StepProfiler(t.profile_steps, run_dir, env.rank, env.device)
+        self.throughput = Throughput(cfg.model, cfg.data.seq_len, env.world_size, env.device,
+                                     torch.bfloat16 if bf16 else torch.float32, cfg.logging.peak_tflops)
         if resume is not None:
             saved = load_checkpoint(resume, self.model, self.optimizer, self.plan)
             self.state = TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
@@ -146,6 +154,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t),
                                        self.plan.sum_router_loads, self.plan.all_layers)
+        self.expert_loads.add(balance.pop("expert_load", torch.zeros(0, cfg.model.n_routed_experts)))
 
         all_reduce_sum(sums)  # every (layer, micro-batch) was computed by one rank of each dp replica
         sums /= self.dp
@@ -170,8 +179,10 @@ class Trainer:
         return sums
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss on a fixed slice of the held-out split (the same samples for every plan)."""
+    def evaluate(self) -> dict[str, float]:
+        """Figures on a fixed slice of the held-out split (the same samples for every plan): the mean
+        next-token loss; where one process holds the whole model also accuracy and the MTP module's
+        (dsv3/train/heldout.py); and the load balance over the whole slice (MaxVio_global)."""
         t = self.cfg.train
         n = min(len(self.val_data), t.val_samples)
         mine = list(range(self.dp_rank, n, self.dp))
@@ -180,20 +191,26 @@ class Trainer:
         if self.plan.ep > 1:  # every forward exchanges tokens: all ranks run as many as the busiest one
             busiest = -(-n // self.dp)
             chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
-        total = torch.zeros(2, device=self.env.device)
-        for chunk in chunks:
-            data = self.val_data.batch(chunk or [0])  # [0]: a filler, not counted
-            batch = data.tokens.to(self.env.device)
-            if self.plan.pipeline is not None:  # the loss is known on the last stage's rank only
-                loss = self.plan.pipeline.runner.forward_loss(batch[:, :-1], batch[:, 1:], self.autocast)
-            else:
-                docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
-                with self.autocast:
-                    loss = self.model.main_loss(self.model.hidden(batch[:, :-1], docs), batch[:, 1:])
-            if chunk and loss is not None:
-                total += torch.stack([loss.float() * batch.shape[0], loss.new_tensor(float(batch.shape[0]))])
+        names = heldout_names(self.cfg.model.mtp_depth if self.plan.pipeline is None else None)
+        total = torch.zeros(len(names), device=self.env.device)
+        counter = RoutedTokenCounter(self.moe_layers, self.cfg.model.n_routed_experts, self.env.device)
+        with counter:
+            for chunk in chunks:
+                counter.counting = bool(chunk)
+                data = self.val_data.batch(chunk or [0])  # [0]: a filler, not counted
+                batch = data.tokens.to(self.env.device)
+                if self.plan.pipeline is not None:  # the loss is known on the last stage's rank only
+                    loss = self.plan.pipeline.runner.forward_loss(batch[:, :-1], batch[:, 1:], self.autocast)
+                    n = float(batch[:, 1:].numel())
+                    sums = None if loss is None else {"loss": loss.float() * n, "count": loss.new_tensor(n)}
+                else:
+                    docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
+                    sums = heldout_sums(self.model, batch[:, :-1], batch[:, 1:], docs, self.autocast)
+                if chunk and sums is not None:
+                    total += torch.stack([sums[name].float() for name in names])
         all_reduce_sum(total)
-        return (total[0] / total[1]).item()
+        return {**heldout_figures(dict(zip(names, total))),
+                **counter.max_vio(self.plan.sum_router_loads, self.plan.all_layers)}
 
     def run(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
@@ -201,17 +218,20 @@ class Trainer:
             log.info("nothing to do: step %d >= train.max_steps=%d", self.state.step, t.max_steps)
         with StopSignals(c.on_signal) as stop:
             while self.state.step < t.max_steps:
-                start = time.time()
-                metrics = self.train_step()
-                elapsed = time.time() - start
+                with self.profiler.step(self.state.step + 1):  # writing a trace is not part of the step's time
+                    start = time.time()
+                    metrics = self.train_step()
+                    elapsed = time.time() - start
                 metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
                 metrics["step_time_s"] = elapsed
+                metrics.update(self.throughput.figures(metrics["tokens_per_s"]))
                 step = self.state.step
                 last = step == t.max_steps
                 if (t.val_every and step % t.val_every == 0) or last:
-                    metrics["val_loss"] = self.evaluate()
+                    metrics.update(self.evaluate())
                 if step % t.log_every == 0 or last or "val_loss" in metrics:
                     self.metrics.log(step, metrics)
+                    self.expert_loads.write(step, self.cfg.model.n_routed_experts, self.plan.all_layers)
                 saved = (c.every and step % c.every == 0) or last
                 if saved:
                     self.save()
@@ -221,9 +241,14 @@ class Trainer:
                         self.save()
                     log.warning("stopping after step %d on %s; resume with train.resume=auto", step,
                                 signal.Signals(signum).name)
-                    self.metrics.close()
+                    self.close()
                     raise SystemExit(128 + signum)
+        self.close()
+
+    def close(self) -> None:
+        self.profiler.close()
         self.metrics.close()
+        self.expert_loads.close()
 
 
 def train(cfg: Config, run_dir: str, env: Env) -> None:
