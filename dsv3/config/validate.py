@@ -264,6 +264,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _require(t.bias_update_speed >= 0, "train.bias_update_speed", t.bias_update_speed, "must be >= 0")
     _require(t.balance_loss_alpha >= 0, "train.balance_loss_alpha", t.balance_loss_alpha, "must be >= 0")
 
+    from dsv3.train.observe_rules import validate_observability  # profiler, compile, W&B, MFU
+
+    validate_observability(cfg)
+
     c = cfg.checkpoint
     _require(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
     _require(c.keep >= 0, "checkpoint.keep", c.keep, "must be >= 0 (0 = keep all)")

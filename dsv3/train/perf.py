@@ -44,20 +44,22 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * params + 3 * attn_core
 
 
-def measured_gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: int = 5) -> float:
-    """Best rate of an n x n x n GEMM over `reps` (after one warm-up)."""
+def measured_gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """Best rate of an n x n x n GEMM over repetitions for about `seconds` (at least 5, after a warm-up):
+    the best, because on a shared machine most repetitions are slowed by other processes."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(reps + 1):
+    best, begin, reps = float("inf"), time.perf_counter(), 0
+    while reps < 6 or (time.perf_counter() - begin < seconds and reps < 200):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:
+        if reps:
             best = min(best, time.perf_counter() - start)
+        reps += 1
     return 2 * n ** 3 / best / 1e12
 
 

@@ -26,6 +26,7 @@ from dsv3.parallel.plan import apply_parallel_plan
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.train.compile import compile_regions
 from dsv3.train.heldout import heldout_figures, heldout_names, heldout_sums
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.optim import DTYPES, AdamW, parameter_groups
@@ -79,6 +80,8 @@ class Trainer:
             log.info("initialized weights from %s", cfg.checkpoint.init_from)
         self.plan = apply_parallel_plan(self.model, cfg, env)
         self.moe_layers = self.model.moe_layers()
+        if t.compile:
+            log.info("train.compile: %d regions compiled on first use (dsv3/train/compile.py)", compile_regions(self.model))
         o = cfg.optim
         self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay, o.layer_lr_decay), lr=o.lr,
                                betas=o.betas, eps=o.eps, moment_dtype=DTYPES[o.moment_dtype])
@@ -86,7 +89,12 @@ class Trainer:
         # fp8 on a GPU: BF16 for what stays out of FP8 (V3 report); on CPU fp32 (the emulation).
         bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "fp8" and env.device.type == "cuda")
         self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-        self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps)
+        sinks = []
+        if cfg.logging.wandb and env.is_main:
+            from dsv3.train.wandb_sink import WandbSink
+
+            sinks.append(WandbSink(cfg.logging, run_dir, cfg.run_name, asdict(cfg)))
+        self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps, sinks=sinks)
         self.expert_loads = ExpertLoadLog(run_dir, env.is_main)
         self.profiler = StepProfiler(t.profile_steps, run_dir, env.rank, env.device)
         self.throughput = Throughput(cfg.model, cfg.data.seq_len, env.world_size, env.device,
