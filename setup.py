@@ -81,9 +81,12 @@ setup(
         # triton: the kernels are tested compiled with 3.6 (on an H200) and interpreted with 3.6 and 3.9;
         # 3.6's interpreter needs numpy < 2.4 (see docs/gpu.md).
         # datasets: the tests write real `save_to_disk` directories for prepare_data to read
+        # wandb: the tests run logging.wandb=true in offline mode
         "test": ["pytest>=8", "transformers>=4.57", "triton>=3.6", "matplotlib>=3.7", "pyarrow>=14",
-                 "zstandard>=0.22", "datasets>=2.14"],
+                 "zstandard>=0.22", "datasets>=2.14", "wandb>=0.17"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7"],  # launch/plot.py
+        "wandb": ["wandb>=0.17"],  # logging.wandb=true
     },
     ext_modules=[dispatch_extension()],
     cmdclass={"build_ext": BuildExtension},

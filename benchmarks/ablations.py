@@ -187,27 +187,37 @@ def pick_alpha(runs: dict, seed: int) -> tuple[float, dict]:
                                               "sweep": {f"{a:g}": v for a, v in sweep.items()}}
 
 
-def report(runs: dict, seeds: list[int], steps: int, alpha: float, selection: dict) -> dict:
-    per = {name: {seed: run_summary(runs[name][seed], steps) for seed in seeds} for name in CONTENDERS}
-    agg = {name: {k: mean_sd([per[name][s][k] for s in seeds]) for k in per[name][seeds[0]]} for name in per}
+CLAIMS = {"balance": BALANCE, "mtp": ("v3", "no_mtp"), "precision": ("v3", "bf16", "fp8"),
+          "layer_lr": ("v3", "layer_lr")}
 
-    def paired(a: str, b: str, key: str = "val_loss") -> dict:
+
+def report(runs: dict, seeds: dict[str, list[int]], steps: int, alpha: float, selection: dict) -> dict:
+    """`seeds`: per claim, the seeds on which all its contenders completed."""
+    every = sorted({s for v in seeds.values() for s in v})
+    per = {name: {s: run_summary(runs[name][s], steps) for s in every if len(runs[name].get(s, [])) == steps}
+           for name in CONTENDERS}
+    agg = {name: {k: mean_sd([v[k] for v in d.values()]) for k in next(iter(d.values()))} | {"seeds": list(d)}
+           for name, d in per.items() if d}
+
+    def paired(a: str, b: str, claim: str, key: str = "val_loss") -> dict:
         """b - a per seed (same data and init), relative to a."""
-        return mean_sd([(per[b][s][key] - per[a][s][key]) / per[a][s][key] for s in seeds])
+        return mean_sd([(per[b][s][key] - per[a][s][key]) / per[a][s][key] for s in seeds[claim]])
 
-    precision = {pair: {s: relative_error(runs[pair[0]][s], runs[pair[1]][s], 20) for s in seeds}
+    ps = seeds["precision"]
+    precision = {pair: {s: relative_error(runs[pair[0]][s], runs[pair[1]][s], 20) for s in ps}
                  for pair in (("bf16", "fp8"), ("v3", "bf16"), ("v3", "fp8"))}
     # the noise floor: the same contender, different seeds (different data order and initialization)
-    noise = [relative_error(runs["bf16"][a], runs["bf16"][b], 20) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-    precision_agg = {f"{a}->{b}": {k: mean_sd([v[s][k] for s in seeds]) for k in v[seeds[0]]}
-                     for (a, b), v in precision.items()}
+    noise = [relative_error(runs["bf16"][a], runs["bf16"][b], 20) for i, a in enumerate(ps) for b in ps[i + 1:]]
+    precision_agg = {f"{a}->{b}": {k: mean_sd([v[s][k] for s in ps]) for k in v[ps[0]]}
+                     for (a, b), v in precision.items()} if ps else {}
     if noise:
         precision_agg["bf16 seed vs seed (noise floor)"] = {k: mean_sd([n[k] for n in noise]) for k in noise[0]}
     return {
         "steps": steps, "seeds": seeds, "tokens_per_step": 16 * 64, "alpha": alpha, "alpha_selection": selection,
         "per_run": {n: {str(s): v for s, v in d.items()} for n, d in per.items()}, "mean_over_seeds": agg,
-        "paired_val_loss_vs_v3": {n: paired("v3", n) for n in CONTENDERS if n != "v3"},
-        "paired_val_loss_aux_vs_loss_free": paired("aux_loss", "loss_free"),
+        "paired_val_loss_vs_v3": {n: paired("v3", n, c) for c, names in CLAIMS.items() for n in names
+                                  if n != "v3" and seeds[c]},
+        "paired_val_loss_aux_vs_loss_free": paired("aux_loss", "loss_free", "balance") if seeds["balance"] else None,
         "precision": precision_agg,
     }
 
@@ -223,7 +233,8 @@ def mean_curve(runs: dict, name: str, seeds: list[int], key: str) -> tuple[list[
     return steps, [statistics.fmean(c[i][1] for c in curves) for i in range(len(steps))]
 
 
-def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
+def plots(runs: dict, rep: dict, seeds: dict[str, list[int]], first: int, out_dir: str) -> list[str]:
+    """`seeds`: per claim, the seeds to average; `first`: the seed of the alpha sweep."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -235,11 +246,11 @@ def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name in BALANCE:
-        steps, vio = mean_curve(runs, name, seeds, "max_vio")
+        steps, vio = mean_curve(runs, name, seeds["balance"], "max_vio")
         axes[0].plot(steps, smooth(vio, 10), color=COLORS[name], label=label[name])
-        steps, g = mean_curve(runs, name, seeds, "val_max_vio")
+        steps, g = mean_curve(runs, name, seeds["balance"], "val_max_vio")
         axes[1].plot(steps, g, "o-", color=COLORS[name], label=label[name])
-        steps, v = mean_curve(runs, name, seeds, "val_loss")
+        steps, v = mean_curve(runs, name, seeds["balance"], "val_loss")
         axes[2].plot(steps, v, "o-", color=COLORS[name], label=label[name])
     axes[0].set_title("MaxVio_batch (training batches, 10-step mean)")
     axes[1].set_title("MaxVio_global (held-out slice)")
@@ -249,7 +260,7 @@ def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"load balancing, moe_tiny, mean of {len(seeds)} seeds")
+    fig.suptitle(f"load balancing, moe_tiny, mean of {len(seeds['balance'])} seeds")
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "ablation_balance.png"))
     fig.savefig(paths[-1], dpi=100)
@@ -261,13 +272,13 @@ def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
     ax.plot([p[1] for p in pts], [p[2] for p in pts], "s-", color="tab:orange", label="aux loss only, α sweep")
     for a, x, y in pts:
         ax.annotate(f"α={a:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    s0 = str(seeds[0])
+    s0 = str(first)
     for name in ("v3", "loss_free", "no_balance"):
         r = rep["per_run"][name][s0]
         ax.plot(r["max_vio_global"], r["val_loss"], "o", color=COLORS[name], ms=8, label=label[name])
     ax.set_xlabel("MaxVio_global at the end (lower = more balanced)")
     ax.set_ylabel("held-out loss at the end")
-    ax.set_title(f"balance vs loss, seed {seeds[0]}")
+    ax.set_title(f"balance vs loss, seed {first}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -277,7 +288,7 @@ def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, lab in (("v3", "with MTP (λ=0.3)"), ("no_mtp", "without MTP")):
-        steps, v = mean_curve(runs, name, seeds, "val_loss")
+        steps, v = mean_curve(runs, name, seeds["mtp"], "val_loss")
         axes[0].plot([s * rep["tokens_per_step"] / 1e3 for s in steps], v, "o-", color=COLORS[name], label=lab)
     axes[0].set_xlabel("training tokens (thousands; equal steps = equal tokens)")
     axes[0].set_title("main model's held-out loss")
@@ -285,7 +296,7 @@ def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
     for key, lab, style in (("val_mtp1_acc", "MTP: token t+2 (ground truth)", "o-"),
                             ("val_mtp1_accept", "MTP guess = main model's guess", "s--"),
                             ("val_acc", "main model: token t+1", "^:")):
-        steps, v = mean_curve(runs, "v3", seeds, key)
+        steps, v = mean_curve(runs, "v3", seeds["mtp"], key)
         axes[1].plot(steps, v, style, label=lab)
     axes[1].set_xlabel("step")
     axes[1].set_title("held-out top-1 accuracy (with-MTP run)")
@@ -299,7 +310,7 @@ def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for (a, b), color in ((("bf16", "fp8"), "tab:green"), (("v3", "bf16"), "tab:orange"), (("v3", "fp8"), "gray")):
-        for i, s in enumerate(seeds):
+        for i, s in enumerate(seeds["precision"]):
             la, lb = smooth([r["loss"] for r in runs[a][s]], 20), smooth([r["loss"] for r in runs[b][s]], 20)
             ref = "fp32" if a == "v3" else a
             ax.plot(range(1, len(la) + 1), [100 * (y - x) / x for x, y in zip(la, lb)], color=color, lw=0.9,
@@ -309,7 +320,7 @@ def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
     ax.axhline(0, color="black", lw=0.5)
     ax.set_xlabel("step")
     ax.set_ylabel("relative training-loss difference, % (20-step means)")
-    ax.set_title(f"precision, same seed and data ({len(seeds)} seeds, one line each)")
+    ax.set_title(f"precision, same seed and data ({len(seeds['precision'])} seeds, one line each)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -319,7 +330,7 @@ def plots(runs: dict, rep: dict, seeds: list[int], out_dir: str) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, lab in (("v3", "one learning rate (V3)"), ("layer_lr", f"layer_lr_decay={LAYER_LR_DECAY}")):
-        steps, v = mean_curve(runs, name, seeds, "val_loss")
+        steps, v = mean_curve(runs, name, seeds["layer_lr"], "val_loss")
         ax.plot(steps, v, "o-", color=COLORS[name], label=lab)
     ax.set_ylim(None, min(ax.get_ylim()[1], 5.0))
     ax.set_xlabel("step")
@@ -368,11 +379,11 @@ def main() -> None:
             run_all(jobs(CONTENDERS, [s]), steps, args.jobs)
         for n in CONTENDERS:
             runs[n][s] = read_metrics(os.path.join(RUNS, n, f"seed{s}"))
-    done = [s for s in seeds if all(len(runs[n][s]) == steps for n in CONTENDERS)]
-    if not done:
-        raise SystemExit("no seed has every contender complete: no report")
-    if done != seeds:
-        print(f"reporting on seeds {done}: the others are incomplete", flush=True)
+    done = {claim: [s for s in seeds if all(len(runs[n][s]) == steps for n in names)]
+            for claim, names in CLAIMS.items()}
+    if not any(done.values()):
+        raise SystemExit("no claim has all its contenders complete on any seed: no report")
+    print(f"seeds complete per claim: {done}", flush=True)
     seeds = done
     rep = report(runs, seeds, steps, alpha, selection)
     rep["wall_clock_s"] = round(time.time() - start)
@@ -380,7 +391,7 @@ def main() -> None:
                        for n, o in {**CONTENDERS, **{alpha_name(a): stage1[alpha_name(a)] for a in ALPHAS}}.items()}
     with open(args.json, "w") as f:
         json.dump(rep, f, indent=1)
-    for path in plots(runs, rep, seeds, args.img):
+    for path in plots(runs, rep, seeds, first, args.img):
         print("wrote", os.path.relpath(path, ROOT))
     print("wrote", os.path.relpath(args.json, ROOT))
     print_tables(rep)
@@ -392,12 +403,12 @@ def fmt(d: dict, scale: float = 1.0, digits: int = 4) -> str:
 
 def print_tables(rep: dict) -> None:
     agg = rep["mean_over_seeds"]
-    print("\n| contender | held-out loss | train loss (last 20) | MaxVio_batch (last 100) | MaxVio_batch (run) | "
-          "MaxVio_global (end) | Δ held-out vs v3 (paired) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| contender | seeds | held-out loss | train loss (last 20) | MaxVio_batch (last 100) | "
+          "MaxVio_batch (run) | MaxVio_global (end) | Δ held-out vs v3 (paired) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for n in agg:
         d = rep["paired_val_loss_vs_v3"].get(n)
-        print(f"| {n} | {fmt(agg[n]['val_loss'])} | {fmt(agg[n]['train_loss_last20'])} | "
+        print(f"| {n} | {','.join(map(str, agg[n]['seeds']))} | {fmt(agg[n]['val_loss'])} | {fmt(agg[n]['train_loss_last20'])} | "
               f"{fmt(agg[n]['max_vio_batch_last100'], digits=3)} | {fmt(agg[n]['max_vio_batch_run'], digits=3)} | "
               f"{fmt(agg[n]['max_vio_global'], digits=3)} | {fmt(d, 100, 2) + ' %' if d else ''} |")
     print("\nMTP (v3):", {k: fmt(agg["v3"][k]) for k in ("val_acc", "val_mtp1_acc", "val_mtp1_accept")})

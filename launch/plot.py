@@ -25,6 +25,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.run_dirs[0], "plots")
     try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: launch/plot.py needs matplotlib: pip install matplotlib (or the package's [plot] extra)",
+              file=sys.stderr)
+        return 2
+    try:
         written = plot_runs(args.run_dirs, out, args.window)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
