@@ -54,6 +54,7 @@ CONTENDERS = {
     "layer_lr": [f"optim.layer_lr_decay={LAYER_LR_DECAY}"],
 }
 BALANCE = ("v3", "loss_free", "aux_loss", "no_balance")
+PRECISION = ("bf16", "fp8")
 
 
 def base_overrides(steps: int, seed: int) -> list[str]:
@@ -86,17 +87,42 @@ def command(name: str, overrides: list[str], steps: int, seed: int) -> tuple[str
     return run_dir, [sys.executable, PRETRAIN, *base_overrides(steps, seed), *overrides, f"hydra.run.dir={run_dir}"]
 
 
+def running_elsewhere(run_dir: str) -> bool:
+    """A training process for `run_dir` is alive (started by an earlier, interrupted invocation)."""
+    needle = f"hydra.run.dir={run_dir}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def run_all(jobs: list[tuple[str, list[str]]], steps: int, parallel: int) -> None:
     """Run the (run_dir, command) pairs not complete yet, `parallel` at a time, each logging to
-    <run_dir>.log; a failed run stops the script with its log's tail."""
+    <run_dir>.log; a failed run stops the script with its log's tail. A run still alive from an earlier
+    invocation is waited for, not started again."""
     todo = [(d, c) for d, c in jobs if not complete(d, steps)]
     for d, _ in jobs:
         if (d, _) not in todo:
             print(f"reusing {os.path.relpath(d, ROOT)}")
+    adopted = [d for d, _ in todo if running_elsewhere(d)]
+    todo = [(d, c) for d, c in todo if d not in adopted]
+    for d in adopted:
+        print(f"waiting for the running {os.path.relpath(d, ROOT)}", flush=True)
     running: list[tuple[str, subprocess.Popen, float]] = []
-    while todo or running:
-        while todo and len(running) < parallel:
-            run_dir, cmd = todo.pop(0)
+    while todo or running or adopted:
+        adopted = [d for d in adopted if running_elsewhere(d)]
+        while len(running) < parallel:
+            # a command may be a function that returns None until its run can be made (alpha unknown yet)
+            ready = [(d, c) for d, c in todo if not callable(c) or c() is not None]
+            if not ready:
+                break
+            run_dir, cmd = ready[0]
+            todo.remove(ready[0])
+            cmd = cmd() if callable(cmd) else cmd
             if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
                 os.remove(os.path.join(run_dir, "metrics.jsonl"))  # an incomplete run starts over
                 if os.path.exists(os.path.join(run_dir, "expert_load.jsonl")):
@@ -348,7 +374,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    ap.add_argument("--precision-seeds", type=int, nargs="+", default=[1, 2],
+                    help="the seeds of the bf16 and fp8 runs (5x the fp32 step time on a CPU)")
+    ap.add_argument("--jobs", type=int, default=4, help="runs at a time (one thread each)")
     ap.add_argument("--skip-train", action="store_true", help="report on the runs that exist")
     ap.add_argument("--runs", default=os.path.join(ROOT, "runs", "ablations"), help="where the runs live")
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "ablations.json"))
@@ -359,26 +387,48 @@ def main() -> None:
     steps, seeds, first = args.steps, args.seeds, args.seeds[0]
     start = time.time()
 
-    def jobs(names: dict[str, list[str]], for_seeds: list[int]) -> list[tuple[str, list[str]]]:
-        return [command(n, o, steps, s) for s in for_seeds for n, o in names.items()]
+    # every run, in one queue: the alpha sweep first (the other seeds' aux_loss runs wait for its pick), then
+    # the long bf16/fp8 runs, then the rest
+    sweep = {alpha_name(a): [NO_BIAS, f"train.balance_loss_alpha={a}"] for a in ALPHAS}
+    names = [*CONTENDERS, *sweep]
+    runs: dict[str, dict[int, list[dict]]] = {n: {} for n in names}
+    picked: dict[str, float] = {}
 
-    # stage 1: the first seed, with the alpha sweep (aux_loss waits for the pick)
-    stage1 = {n: o for n, o in CONTENDERS.items() if n != "aux_loss"}
-    stage1.update({alpha_name(a): [NO_BIAS, f"train.balance_loss_alpha={a}"] for a in ALPHAS})
+    def load(n: str, s: int) -> list[dict]:
+        return read_metrics(os.path.join(RUNS, n, f"seed{s}"))
+
+    def pick() -> float | None:
+        if "alpha" not in picked:
+            if not all(complete(os.path.join(RUNS, n, f"seed{first}"), steps) for n in [*sweep, "no_balance"]):
+                return None
+            sweep_runs = {n: {first: load(n, first)} for n in [*sweep, "no_balance"]}
+            picked["alpha"], picked["selection"] = pick_alpha(sweep_runs, first)
+            print(f"alpha picked: {picked['alpha']:g} ({json.dumps(picked['selection'])})", flush=True)
+        return picked["alpha"]
+
+    def aux_command(s: int):
+        def make():
+            alpha = pick()
+            return None if alpha is None else command("aux_loss", [NO_BIAS, f"train.balance_loss_alpha={alpha}"],
+                                                      steps, s)[1]
+        return make
+
+    queue = [command(n, o, steps, first) for n, o in sweep.items()]
+    queue += [command(n, CONTENDERS[n], steps, s) for s in seeds for n in PRECISION if s in args.precision_seeds]
+    queue += [command(n, CONTENDERS[n], steps, s) for s in seeds for n in CONTENDERS
+              if n not in PRECISION and n != "aux_loss"]
+    queue += [(os.path.join(RUNS, "aux_loss", f"seed{s}"), aux_command(s)) for s in seeds[1:]]
     if not args.skip_train:
-        run_all(jobs(stage1, [first]), steps, args.jobs)
-    runs: dict[str, dict[int, list[dict]]] = {
-        n: {s: read_metrics(os.path.join(RUNS, n, f"seed{s}")) for s in seeds} for n in [*stage1, "aux_loss"]}
-    alpha, selection = pick_alpha(runs, first)
-    print(f"alpha picked: {alpha:g} ({json.dumps(selection)})", flush=True)
-    # the first seed's aux_loss run is the sweep's run at the picked alpha
-    runs["aux_loss"][first] = runs[alpha_name(alpha)][first]
+        run_all(queue, steps, args.jobs)
+    alpha = pick()
+    if alpha is None:
+        raise SystemExit("the alpha sweep is incomplete: no report")
+    selection = picked["selection"]
     CONTENDERS["aux_loss"] = [NO_BIAS, f"train.balance_loss_alpha={alpha}"]
-    for s in seeds[1:]:  # seed by seed, so that an interrupted invocation leaves whole seeds
-        if not args.skip_train:
-            run_all(jobs(CONTENDERS, [s]), steps, args.jobs)
-        for n in CONTENDERS:
-            runs[n][s] = read_metrics(os.path.join(RUNS, n, f"seed{s}"))
+    for n in names:
+        for s in seeds:
+            runs[n][s] = load(n, s)
+    runs["aux_loss"][first] = runs[alpha_name(alpha)][first]  # the sweep's run at the picked alpha
     done = {claim: [s for s in seeds if all(len(runs[n][s]) == steps for n in names)]
             for claim, names in CLAIMS.items()}
     if not any(done.values()):
@@ -388,7 +438,7 @@ def main() -> None:
     rep = report(runs, seeds, steps, alpha, selection)
     rep["wall_clock_s"] = round(time.time() - start)
     rep["commands"] = {n: " ".join(["python launch/pretrain.py", *base_overrides(steps, "<seed>"), *o])
-                       for n, o in {**CONTENDERS, **{alpha_name(a): stage1[alpha_name(a)] for a in ALPHAS}}.items()}
+                       for n, o in {**CONTENDERS, **sweep}.items()}
     with open(args.json, "w") as f:
         json.dump(rep, f, indent=1)
     for path in plots(runs, rep, seeds, first, args.img):
