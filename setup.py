@@ -46,7 +46,7 @@ def dispatch_extension():
     # The rpath lets `import dsv3._dispatch_ext` find libc10/libtorch (and torch's libgomp, so both
     # share one OpenMP runtime and torch.set_num_threads governs the kernels) before torch is imported.
     link = ["-fopenmp", f"-Wl,-rpath,{os.path.join(os.path.dirname(torch.__file__), 'lib')}"]
-    sources = ["csrc/dispatch_binding.cpp", "csrc/launch_host.cpp"]
+    sources = ["csrc/dispatch_binding.cpp", "csrc/transport_binding.cpp", "csrc/launch_host.cpp"]
     if with_cuda:
         return CUDAExtension(
             "dsv3._dispatch_ext",

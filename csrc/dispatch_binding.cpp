@@ -1,85 +1,10 @@
 // Python binding of the dispatch/combine kernels (module dsv3._dispatch_ext): argument checks with
 // messages for users, output allocation, dtype dispatch, and the choice of the host or CUDA launcher
 // by the tensors' device. The semantics of every op are documented in dsv3/kernels/dispatch.py.
-#include <torch/extension.h>
-
-#include <cstdint>
-#include <limits>
-#include <optional>
-#include <string>
-
-#include "launch.h"
-
-#ifdef DSV3_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
+#include "binding_common.h"
 
 namespace dsv3 {
 namespace {
-
-constexpr int64_t kNoError = std::numeric_limits<int64_t>::max();
-
-template <class Body>
-void run(const Body& body, const at::Tensor& like) {
-  if (like.is_cpu()) {
-    launch_host(body);
-    return;
-  }
-#ifdef DSV3_WITH_CUDA
-  if (like.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(like.device());
-    launch_cuda(body, at::cuda::getCurrentCUDAStream(like.get_device()).stream());
-    return;
-  }
-#endif
-  TORCH_CHECK(false, "dsv3._dispatch_ext: tensors on ", like.device(), " are not supported; this build runs on ",
-#ifdef DSV3_WITH_CUDA
-              "cpu and cuda"
-#else
-              "cpu only (it was built against a CPU build of torch; reinstall with a CUDA torch and nvcc for cuda)"
-#endif
-  );
-}
-
-at::Tensor error_slot(const at::Tensor& like) { return at::full({1}, kNoError, like.options().dtype(at::kLong)); }
-
-// Host kernels record the smallest flat position of a bad index; device kernels trap themselves.
-std::optional<int64_t> first_error(const at::Tensor& slot) {
-  if (!slot.is_cpu()) return std::nullopt;
-  const int64_t v = slot.item<int64_t>();
-  return v == kNoError ? std::nullopt : std::optional<int64_t>(v);
-}
-
-void check_index(const at::Tensor& t, const char* op, const char* name, int64_t dim) {
-  TORCH_CHECK(t.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-}
-
-void check_rows(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D [rows, hidden], got shape ", t.sizes());
-}
-
-void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na, const char* nb) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", na, " is on ", a.device(), " but ", nb, " is on ", b.device());
-}
-
-// Calls f with a value of the storage type of a float dtype the converting kernels accept.
-template <class F>
-void with_float_type(at::ScalarType st, const char* op, const char* name, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); return;
-    case at::kBFloat16: f(bf16_t{}); return;
-    case at::kHalf: f(f16_t{}); return;
-    default:
-      TORCH_CHECK(false, op, ": ", name, " dtype ", st, " is not supported; accepted: float32, bfloat16, float16");
-  }
-}
-
-template <class T>
-const T* cptr(const at::Tensor& t) { return reinterpret_cast<const T*>(t.data_ptr()); }
-template <class T>
-T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 // ------------------------------------------------------------------------------------------------
 
@@ -141,20 +66,6 @@ std::vector<at::Tensor> layout(const at::Tensor& topk_in, int64_t n_experts, int
 
 // ------------------------------------------------------------------------------------------------
 
-void raise_bad_src(const at::Tensor& slot, const at::Tensor& src, int64_t n_in, const char* op) {
-  if (const auto m = first_error(slot))
-    TORCH_CHECK(false, op, ": src_row[", *m, "] = ", src[*m].item<int64_t>(),
-                " is not a row of x; accepted: 0..", n_in - 1, ", or -1 for a zero row");
-}
-
-template <class Unit>
-void gather_copy(const at::Tensor& x, const at::Tensor& src, at::Tensor& out, at::Tensor& slot) {
-  const int64_t units = x.size(1) * x.element_size() / int64_t(sizeof(Unit));
-  run(GatherCopy<Unit>{cptr<Unit>(x), cptr<int64_t>(src), mptr<Unit>(out), x.size(0), src.size(0), units,
-                       mptr<int64_t>(slot)},
-      x);
-}
-
 at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& src_in, const std::optional<at::Tensor>& row_scale_in,
                        std::optional<at::ScalarType> out_dtype) {
   const char* op = "gather_rows";
@@ -170,15 +81,12 @@ at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& src_in, const s
     // A pure copy: move the widest unit that divides the row and the alignment of both buffers.
     const int64_t row_bytes = x.size(1) * x.element_size();
     const auto addr = reinterpret_cast<uintptr_t>(x.data_ptr()) | reinterpret_cast<uintptr_t>(out.data_ptr());
-    int64_t unit = 16;
-    while (unit > 1 && (row_bytes % unit != 0 || addr % unit != 0)) unit /= 2;
-    switch (unit) {
-      case 16: gather_copy<u128_t>(x, src, out, slot); break;
-      case 8: gather_copy<uint64_t>(x, src, out, slot); break;
-      case 4: gather_copy<uint32_t>(x, src, out, slot); break;
-      case 2: gather_copy<uint16_t>(x, src, out, slot); break;
-      default: gather_copy<uint8_t>(x, src, out, slot); break;
-    }
+    with_copy_unit(copy_unit(row_bytes, addr), [&](auto u) {
+      using Unit = decltype(u);
+      run(GatherCopy<Unit>{cptr<Unit>(x), cptr<int64_t>(src), LocalRows{static_cast<char*>(out.data_ptr()), row_bytes},
+                           x.size(0), src.size(0), row_bytes / int64_t(sizeof(Unit)), mptr<int64_t>(slot)},
+          x);
+    });
     raise_bad_src(slot, src, x.size(0), op);
     return out;
   }
@@ -196,7 +104,7 @@ at::Tensor gather_rows(const at::Tensor& x_in, const at::Tensor& src_in, const s
       using In = decltype(in);
       using Out = decltype(o);
       run(GatherScaled<In, Out>{cptr<In>(x), cptr<int64_t>(src), row_scale_in ? cptr<float>(row_scale) : nullptr,
-                                mptr<Out>(out), x.size(0), src.size(0), x.size(1), mptr<int64_t>(slot)},
+                                local_rows(out), x.size(0), src.size(0), x.size(1), mptr<int64_t>(slot)},
           x);
     });
   });
@@ -216,7 +124,7 @@ std::vector<at::Tensor> gather_rows_fp8(const at::Tensor& x_in, const at::Tensor
   at::Tensor slot = error_slot(x);
   with_float_type(x.scalar_type(), op, "x", [&](auto in) {
     using In = decltype(in);
-    run(GatherFp8<In>{cptr<In>(x), cptr<int64_t>(src), mptr<uint8_t>(q), mptr<float>(scales), x.size(0), src.size(0),
+    run(GatherFp8<In>{cptr<In>(x), cptr<int64_t>(src), local_rows(q), local_rows(scales), x.size(0), src.size(0),
                       h, mptr<int64_t>(slot)},
         x);
   });
@@ -230,14 +138,6 @@ void check_combine_args(const char* op, const at::Tensor& y, const at::Tensor& i
   check_rows(y, op, "y");
   check_index(index, op, "index", 2);
   check_same_device(y, index, op, "y", "index");
-}
-
-void raise_bad_index(const at::Tensor& slot, const at::Tensor& index, int64_t n_y, const char* op) {
-  if (const auto p = first_error(slot)) {
-    const int64_t j = index.size(1), t = *p / j, s = *p % j;
-    TORCH_CHECK(false, op, ": index[", t, ", ", s, "] = ", index[t][s].item<int64_t>(),
-                " is not a row of y; accepted: 0..", n_y - 1, ", or -1 for an unused slot");
-  }
 }
 
 at::Tensor combine(const at::Tensor& y_in, const at::Tensor& index_in, const std::optional<at::Tensor>& weights_in,
@@ -262,7 +162,7 @@ at::Tensor combine(const at::Tensor& y_in, const at::Tensor& index_in, const std
       using In = decltype(in);
       using Out = decltype(o);
       run(Combine<In, Out>{cptr<In>(y), cptr<int64_t>(index), weights_in ? cptr<float>(weights) : nullptr,
-                           mptr<Out>(out), y.size(0), n_tokens, j, h, mptr<int64_t>(slot)},
+                           local_rows(out), y.size(0), n_tokens, j, h, mptr<int64_t>(slot)},
           y);
     });
   });
@@ -315,6 +215,7 @@ at::Tensor invert_index(const at::Tensor& index_in, int64_t n_rows) {
 }  // namespace dsv3
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  dsv3::register_transport(m);
   m.doc() = "dsv3 expert-parallel dispatch/combine kernels (csrc/); the API is dsv3.kernels.dispatch";
   m.def("layout", &dsv3::layout, "counting-sort layout of top-k routing by destination rank", py::arg("topk_idx"),
         py::arg("n_experts"), py::arg("n_ranks"), py::arg("align"), py::arg("chunk"));

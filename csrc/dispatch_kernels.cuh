@@ -175,17 +175,34 @@ struct LayoutWrite {
 // Row movement. Every op is a gather: out row m reads input row src[m] (-1: a zero row). A scatter
 // (the backward of a gather) is written as a gather through the inverse index, which the layout
 // returns beside each forward index, so no output is ever written twice.
+//
+// Where output row m goes is the kernel's Rows parameter: row m of one local tensor (LocalRows), or
+// any address per row (AddressedRows): the EP transport passes the rows' places in the receive
+// buffers of the destination ranks, so the same bodies write a send buffer or a peer's memory.
 // ---------------------------------------------------------------------------------------------
 
 constexpr int64_t kTile = 8;  // columns per item in the converting kernels: 16-byte bf16 accesses
 
+struct LocalRows {  // row m at base + m * row_bytes
+  char* base;
+  int64_t row_bytes;
+  template <class T>
+  DSV3_HD T* row(int64_t m) const { return reinterpret_cast<T*>(base + m * row_bytes); }
+};
+
+struct AddressedRows {  // row m at address[m] (every row aligned to its element type)
+  const int64_t* address;
+  template <class T>
+  DSV3_HD T* row(int64_t m) const { return reinterpret_cast<T*>(address[m]); }
+};
+
 // Plain row copy in units of 1..16 bytes (the binding picks the widest unit that divides the row
 // and the alignment): dtype-agnostic, so it also moves FP8 rows and their scale rows.
-template <class Unit>
+template <class Unit, class Rows = LocalRows>
 struct GatherCopy {
   const Unit* x;
   const int64_t* src;
-  Unit* out;
+  Rows out;
   int64_t n_in, n_out, units;  // units per row
   int64_t* first_bad;
 
@@ -195,18 +212,18 @@ struct GatherCopy {
     for (int64_t i = g.first(); i < n_items(); i += g.stride()) {
       const int64_t m = i / units, c = i % units, s = src[m];
       if (s < -1 || s >= n_in) report_bad_index(first_bad, m, s, "gather_rows");
-      out[i] = (s >= 0 && s < n_in) ? x[s * units + c] : Unit{};
+      out.template row<Unit>(m)[c] = (s >= 0 && s < n_in) ? x[s * units + c] : Unit{};
     }
   }
 };
 
 // out[m] = row_scale[m] * x[src[m]] converted In -> fp32 -> Out (row_scale may be null: 1).
-template <class In, class Out>
+template <class In, class Out, class Rows = LocalRows>
 struct GatherScaled {
   const In* x;
   const int64_t* src;
   const float* row_scale;
-  Out* out;
+  Rows out;
   int64_t n_in, n_out, h;
   int64_t* first_bad;
 
@@ -219,9 +236,10 @@ struct GatherScaled {
       const bool valid = s >= 0 && s < n_in;
       if (s < -1 || s >= n_in) report_bad_index(first_bad, m, s, "gather_rows");
       const float scale = row_scale ? row_scale[m] : 1.0f;
+      Out* row = out.template row<Out>(m);
 DSV3_UNROLL
       for (int64_t c = 0; c < kTile; ++c)
-        if (c0 + c < h) out[m * h + c0 + c] = from_float<Out>(valid ? scale * to_float(x[s * h + c0 + c]) : 0.0f);
+        if (c0 + c < h) row[c0 + c] = from_float<Out>(valid ? scale * to_float(x[s * h + c0 + c]) : 0.0f);
     }
   }
 };
@@ -229,12 +247,12 @@ DSV3_UNROLL
 // FP8 dispatch: gather and quantize 1x128 tiles with power-of-two scales, one item per tile so a
 // tile's amax needs no cooperation between threads. The last tile of a row may be narrower
 // (hidden sizes that are not multiples of 128). Dequantize as q * scale.
-template <class In>
+template <class In, class Rows = LocalRows>
 struct GatherFp8 {
   const In* x;
   const int64_t* src;
-  uint8_t* q;      // [n_out, h] E4M3 bits
-  float* scales;   // [n_out, ceil(h / 128)]
+  Rows q;       // rows of h E4M3 bytes
+  Rows scales;  // rows of ceil(h / 128) fp32 scales
   int64_t n_in, n_out, h;
   int64_t* first_bad;
 
@@ -255,21 +273,22 @@ struct GatherFp8 {
         }
       const float scale = pow2_scale(amax);
       const float inv = 1.0f / scale;  // exact: scale is a power of two within the normal range
+      uint8_t* q_row = q.template row<uint8_t>(m);
       for (int64_t c = 0; c < n; ++c)
-        q[m * h + c0 + c] = valid ? float_to_e4m3(to_float(x[s * h + c0 + c]) * inv) : uint8_t(0);
-      scales[i] = scale;
+        q_row[c0 + c] = valid ? float_to_e4m3(to_float(x[s * h + c0 + c]) * inv) : uint8_t(0);
+      scales.template row<float>(m)[i % groups] = scale;
     }
   }
 };
 
 // out[t] = sum_j w[t, j] * y[index[t, j]], accumulated in fp32 in the order j = 0, 1, ...
 // (w null: unit weights, which makes it the backward of a permute: a scatter-add as a gather).
-template <class In, class Out>
+template <class In, class Out, class Rows = LocalRows>
 struct Combine {
   const In* y;
   const int64_t* index;  // [n_tokens, j]
   const float* weights;  // [n_tokens, j] or null
-  Out* out;              // [n_tokens, h]
+  Rows out;              // n_tokens rows of h
   int64_t n_y, n_tokens, j, h;
   int64_t* first_bad;
 
@@ -291,9 +310,10 @@ DSV3_UNROLL
         for (int64_t c = 0; c < kTile; ++c)
           if (c0 + c < h) acc[c] += w * to_float(y[m * h + c0 + c]);
       }
+      Out* row = out.template row<Out>(t);
 DSV3_UNROLL
       for (int64_t c = 0; c < kTile; ++c)
-        if (c0 + c < h) out[t * h + c0 + c] = from_float<Out>(acc[c]);
+        if (c0 + c < h) row[c0 + c] = from_float<Out>(acc[c]);
     }
   }
 };

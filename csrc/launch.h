@@ -1,8 +1,9 @@
-// Launchers of the kernel bodies in dispatch_kernels.cuh, one per backend, instantiated for every
-// type in DSV3_FOR_EACH_KERNEL. Torch-free, so launch_cuda.cu compiles with nvcc alone.
+// Launchers of the kernel bodies in dispatch_kernels.cuh and transport_kernels.cuh, one per backend,
+// instantiated for every type in DSV3_FOR_EACH_KERNEL and DSV3_FOR_EACH_TRANSPORT_KERNEL. Torch-free,
+// so launch_cuda.cu compiles with nvcc alone.
 #pragma once
 
-#include "dispatch_kernels.cuh"
+#include "transport_kernels.cuh"
 
 namespace dsv3 {
 

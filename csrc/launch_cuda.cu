@@ -32,5 +32,6 @@ void launch_cuda(const Body& body, void* stream) {
 
 #define DSV3_INSTANTIATE_CUDA(...) template void launch_cuda<__VA_ARGS__>(const __VA_ARGS__&, void*);
 DSV3_FOR_EACH_KERNEL(DSV3_INSTANTIATE_CUDA)
+DSV3_FOR_EACH_TRANSPORT_KERNEL(DSV3_INSTANTIATE_CUDA)
 
 }  // namespace dsv3

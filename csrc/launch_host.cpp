@@ -21,5 +21,6 @@ void launch_host(const Body& body) {
 
 #define DSV3_INSTANTIATE_HOST(...) template void launch_host<__VA_ARGS__>(const __VA_ARGS__&);
 DSV3_FOR_EACH_KERNEL(DSV3_INSTANTIATE_HOST)
+DSV3_FOR_EACH_TRANSPORT_KERNEL(DSV3_INSTANTIATE_HOST)
 
 }  // namespace dsv3

@@ -166,6 +166,31 @@ DSV3_HD int64_t atomic_exchange(int64_t* p, int64_t v) {
 #endif
 }
 
+// Flags between the ranks of the EP transport (transport_kernels.cuh): a 64-bit word in memory that
+// another process (host: POSIX shared memory) or another GPU (CUDA IPC over NVLink/PCIe) also maps.
+// store_release: every write this thread has made or observed before it (cumulativity) becomes
+// visible to any thread whose load_acquire reads the stored value; load_acquire: no later read of
+// this thread is performed before it. System scope on the device, because the other side is another
+// GPU or process. On the host these are C++ atomics on a lock-free 8-byte word, which are
+// address-free and hence valid across processes mapping the same page.
+DSV3_HD void store_release(int64_t* p, int64_t v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+#else
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+#endif
+}
+
+DSV3_HD int64_t load_acquire(const int64_t* p) {
+#if defined(__CUDA_ARCH__)
+  int64_t v;
+  asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+#else
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#endif
+}
+
 // A kernel that meets an index outside its contract: on the host it records the smallest flat
 // position of such an index, and the binding raises a Python error naming it. A device kernel cannot
 // raise without a host sync, so it prints the same facts and traps, like torch's device-side asserts.

@@ -22,7 +22,8 @@ def setup_logging(run_dir: str | None = None) -> None:
 def validate_or_exit(cfg: Config) -> None:
     """One line naming the key, the value and what is allowed, then exit 2 — before any work."""
     try:
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validate(cfg, world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -9,7 +9,8 @@
 # Steps, in this order so that an early stop still leaves results (each under its own time limit,
 # a failed step never stops the next): 0 install + build the csrc/ extension for this GPU; 1 the
 # environment and its measured ceilings; 2 correctness tests on the GPU (tests/gpu, marked cuda);
-# 3 kernel speed (Triton grouped GEMMs bf16 and FP8, quantization, dispatch/combine); 4 training
+# 3 kernel speed (Triton grouped GEMMs bf16 and FP8, quantization, dispatch/combine, the direct EP
+# transport's row puts); 4 training
 # throughput (moe_small and rtx_card, bf16 and FP8, against HF DeepseekV3); 5 the summary table.
 # Everything lands in DIR (JSON, logs, summary.md); --archive re-packs DIR after every step.
 set -uo pipefail
@@ -97,6 +98,7 @@ elif [ $DRY = 1 ]; then
   step fp8_gemm_v3 600 env TRITON_INTERPRET=1 $PY $K/fp8_grouped_gemm.py --check --json "$OUT/fp8_gemm_v3.json"
   step fp8_quant 600 env TRITON_INTERPRET=1 $PY $K/fp8_quant.py --check --json "$OUT/fp8_quant.json"
   step dispatch 300 $PY $K/dispatch.py --device cpu --tokens 256 --hidden 512 --iters 2 --json "$OUT/dispatch.json"
+  step ep_transport 300 $PY benchmarks/gpu/ep_transport.py --dry-run --json "$OUT/ep_transport.json"
 else
   step gemm_v3 120 $PY $K/grouped_gemm.py $V3 --json "$OUT/gemm_v3.json"
   step gemm_rtx 60 $PY $K/grouped_gemm.py $RTX --json "$OUT/gemm_rtx.json"
@@ -104,6 +106,7 @@ else
   step fp8_quant 60 $PY $K/fp8_quant.py $V3 --json "$OUT/fp8_quant.json"
   step dispatch 60 $PY $K/dispatch.py --device cuda --tokens 4096 --hidden 7168 --experts 256 --ranks 8 --iters 20 \
     --json "$OUT/dispatch.json"
+  step ep_transport 60 $PY benchmarks/gpu/ep_transport.py --json "$OUT/ep_transport.json"
 fi
 
 # 4. Training throughput: dsv3 bf16 and FP8 against HF DeepseekV3 bf16, same weights and batch.

@@ -121,6 +121,7 @@ def main() -> int:
     out += [""] + kernel_bench(d, "fp8_gemm_v3", "FP8 grouped GEMMs, DeepSeek-V3 expert shape")
     out += [""] + kernel_bench(d, "fp8_quant", "FP8 quantization")
     out += [""] + kernel_bench(d, "dispatch", "csrc dispatch/combine vs PyTorch twins")
+    out += [""] + kernel_bench(d, "ep_transport", "Direct EP transport: row puts vs the copy bandwidth")
     out += ["", "## Training throughput", ""] + training(d, "train_moe_small") + [""] + training(d, "train_rtx_card")
     print("\n".join(out))
     return 0

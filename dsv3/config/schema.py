@@ -85,6 +85,14 @@ class ParallelConfig:
     expert_align: int = 1
     """With ep > 1: each local expert's received rows are padded to a multiple of this for the grouped
     GEMM (DeepGEMM's contiguous layout: 128); 1 = no padding (CPU)."""
+    ep_transport: str = "auto"
+    """With ep > 1, how tokens move between the ranks of an EP group: `direct` (DeepEP-style: kernels
+    write each row straight into the receiving rank's memory, POSIX shared memory between CPU processes
+    or CUDA IPC between GPUs, with a flag per rank pair; every EP group must lie inside one node),
+    `all_to_all` (the library collective, NCCL or gloo; works across nodes), or `auto`: on CPU, direct
+    when the ranks per node (torchrun's LOCAL_WORLD_SIZE) are a multiple of ep, else all_to_all; on GPUs
+    all_to_all until the direct transport has been measured on one. Losses and gradients are
+    bit-identical either way (docs/kernels.md)."""
     pp: int = 1
     """Pipeline-parallel degree (number of pipeline ranks); the world is pp x dp ranks, rank = pp_rank * dp +
     dp_rank. The model's layers are cut into stages (2*pp for dualpipev) of contiguous layers; the first

@@ -71,9 +71,16 @@ def validate_model(m: Any) -> None:
                  f"YaRN supports at most model.original_seq_len * model.rope_factor = {limit} positions")
 
 
-def validate_expert_parallel(m: Any, p: Any, dp: int) -> None:
+def validate_expert_parallel(m: Any, p: Any, dp: int, local_world_size: int) -> None:
     """EP splits every MoE layer's experts into `ep` contiguous slices over consecutive dp ranks."""
+    from dsv3.parallel.ep_transport import TRANSPORTS
+
     _require(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    _one_of("parallel.ep_transport", p.ep_transport, TRANSPORTS)
+    # torchrun numbers ranks node by node, and an EP group is ep consecutive ranks from a multiple of ep.
+    _require(p.ep == 1 or p.ep_transport != "direct" or local_world_size % p.ep == 0, "parallel.ep_transport",
+             p.ep_transport, f"direct needs every EP group ({p.ep} consecutive ranks) inside one node, but a node "
+             f"runs {local_world_size} ranks (LOCAL_WORLD_SIZE); use all_to_all or auto across nodes")
     _require(m.n_routed_experts % p.ep == 0, "parallel.ep", p.ep,
              f"must divide model.n_routed_experts ({m.n_routed_experts}): each rank holds an equal slice")
     _require(dp % p.ep == 0, "parallel.ep", p.ep,
@@ -192,8 +199,9 @@ def validate_data(d: Any, m: Any, p: Any) -> None:
              "is not supported with pipeline parallelism (parallel.pp > 1) yet")
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Check every cross-field rule; raise ConfigError naming the first offending key."""
+def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = None) -> None:
+    """Check every cross-field rule; raise ConfigError naming the first offending key. `local_world_size`:
+    ranks per node (default: all `world_size` ranks on one node)."""
     m, d, t, o, p = cfg.model, cfg.data, cfg.train, cfg.optim, cfg.parallel
     validate_model(m)
 
@@ -227,7 +235,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     dp = world_size // p.pp if p.dp == -1 else p.dp
     _require(dp >= 1 and dp * p.pp == world_size, "parallel.dp", p.dp,
              f"dp * pp must equal the world size ({world_size}); -1 infers dp")
-    validate_expert_parallel(m, p, dp)
+    validate_expert_parallel(m, p, dp, world_size if local_world_size is None else local_world_size)
 
     _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "must be > 0")

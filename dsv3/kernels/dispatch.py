@@ -109,12 +109,19 @@ def combine_backward(grad: torch.Tensor, y: torch.Tensor, index: torch.Tensor, i
     return _combine_dy(grad, y, index, inverse, weights), dw
 
 
-def _combine_dy(grad, y, index, inverse, weights):
-    j = index.shape[1]
+def combine_grad_rows(inverse: torch.Tensor, j: int, weights: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backward of `combine` as a gather: dy[m] = scale[m] * grad[src[m]], (src, scale) from the
+    inverse index (src -1 where inverse is -1; scale None without weights)."""
     if j == 0:  # no entries: every inverse is -1
-        return extension().gather_rows(grad, inverse, None, y.dtype)
+        return inverse, None
     src = torch.div(inverse, j, rounding_mode="floor")  # -1 stays -1
     scale = None if weights is None else weights.reshape(-1)[inverse.clamp(min=0)]
+    return src, scale
+
+
+def _combine_dy(grad, y, index, inverse, weights):
+    src, scale = combine_grad_rows(inverse, index.shape[1], weights)
     return extension().gather_rows(grad, src, scale, y.dtype)
 
 

@@ -16,6 +16,7 @@ Gradients (loss of the step = mean over the dp ranks of each rank's mean loss L_
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
@@ -26,12 +27,16 @@ from torch import nn
 from dsv3.config.schema import Config
 from dsv3.model.moe import Experts, MoE
 from dsv3.parallel.data_parallel import average_gradients
+from dsv3.parallel.ep_transport import (Transport, gpus_reach_each_other, local_world_size, make_transport,
+                                        resolve_transport)
 from dsv3.parallel.expert_parallel import ExpertParallelDispatcher
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.pipeline_plan import PipelinePlan, apply_pipeline
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Plan:
     mesh: Optional["DeviceMesh"] = None  # ("edp", "ep") when ep > 1
     expert_params: dict[str, nn.Parameter] = field(default_factory=dict)  # name -> local slice [E/ep, ...]
     pipeline: Optional[PipelinePlan] = None  # pp > 1: this rank's stages and the rules for replicated tensors
+    ep_transport: Optional[Transport] = None  # ep > 1: how the EP group's dispatchers move tokens
 
     @property
     def ep_group(self) -> Optional[dist.ProcessGroup]:
@@ -171,13 +177,25 @@ def apply_parallel_plan(model: nn.Module, cfg: Config, env: Env) -> Plan:
     ep_rank = mesh.get_local_rank("ep")
     # FP8 dispatch goes with the FP8 recipe (DeepSeek-V3 §3.3).
     fp8 = cfg.precision.dtype == "fp8"
-    plan = Plan(dp=dp, ep=p.ep, mesh=mesh)
+    kind, why = resolve_transport(p.ep_transport, p.ep, local_world_size())
+    if kind == "direct" and p.ep_transport == "auto" and env.device.type == "cuda":
+        # Not chosen for the user on GPUs until it has run on one: its CUDA IPC buffers and flag protocol
+        # are compiled and tested on CPU only. `parallel.ep_transport=direct` asks for it explicitly.
+        kind, why = "all_to_all", ("auto: the direct transport is not yet measured on a GPU "
+                                   "(parallel.ep_transport=direct to use it)")
+    if kind == "direct" and env.device.type == "cuda" and not gpus_reach_each_other(mesh.get_group("ep"), env.device):
+        raise ValueError("parallel.ep_transport=direct: the GPUs of an EP group cannot access each other's "
+                         "memory (no peer access); use parallel.ep_transport=all_to_all")
+    transport = make_transport(kind, mesh.get_group("ep"), env.device)  # one per group: its exchanges are numbered
+    if env.is_main:
+        log.info("expert parallelism: ep=%d, tokens move by %s (%s)", p.ep, kind, why)
+    plan = Plan(dp=dp, ep=p.ep, mesh=mesh, ep_transport=transport)
     for name, module in model.named_modules():
         if isinstance(module, Experts):
             plan.expert_params.update(_keep_slice(module, name, ep_rank, p.ep))
         elif isinstance(module, MoE):
             module.dispatcher = ExpertParallelDispatcher(mesh.get_group("ep"), cfg.model.n_routed_experts,
-                                                         align=p.expert_align, fp8=fp8)
+                                                         align=p.expert_align, fp8=fp8, transport=transport)
     return plan
 
 

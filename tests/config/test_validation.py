@@ -21,6 +21,7 @@ BAD = {
     "ep_not_dividing_experts": (["parallel.ep=3"], "parallel.ep"),
     "ep_beyond_one_process": (["parallel.ep=2"], "parallel.ep"),
     "expert_align_zero": (["parallel.expert_align=0"], "parallel.expert_align"),
+    "unknown_ep_transport": (["parallel.ep_transport=nvlink"], "parallel.ep_transport"),
 }
 
 
@@ -42,6 +43,42 @@ def test_pipeline_config_inconsistent_with_the_batch_exits_2_on_every_rank(tmp_p
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "parallel.microbatches=4" in lines[0] and "= 1" in lines[0], r.stderr
+
+
+def test_direct_ep_transport_across_nodes_exits_2_naming_the_key(tmp_path):
+    """As one rank of a torchrun world of 4 ranks on 2 nodes of 2: an EP group of 4 would span both nodes,
+    where no rank can map another's memory."""
+    r = run_pretrain(str(tmp_path / "run"), "+experiment=moe_tiny", "parallel=ep4", "parallel.ep_transport=direct",
+                     timeout=120, env={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "1"})
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "parallel.ep_transport" in lines[0] and "inside one node" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("world,local,ep,transport,ok", [
+    (4, 4, 4, "direct", True), (8, 4, 2, "direct", True), (8, 4, 8, "direct", False), (8, 6, 4, "direct", False),
+    (8, 2, 4, "auto", True), (8, 2, 4, "all_to_all", True), (2, 1, 1, "direct", True),  # ep=1: nothing to move
+])
+def test_direct_ep_transport_needs_every_ep_group_inside_a_node(world, local, ep, transport, ok):
+    from dsv3.config import ConfigError, validate
+
+    cfg = _config({"parallel.ep": ep, "parallel.ep_transport": transport, "train.micro_batch_size": 1})
+    if ok:
+        validate(cfg, world_size=world, local_world_size=local)
+    else:
+        with pytest.raises(ConfigError) as err:
+            validate(cfg, world_size=world, local_world_size=local)
+        assert err.value.key == "parallel.ep_transport" and f"a node runs {local} ranks" in str(err.value)
+
+
+def test_auto_ep_transport_is_direct_exactly_when_ep_groups_lie_inside_nodes():
+    from dsv3.parallel.ep_transport import resolve_transport
+
+    assert resolve_transport("auto", 4, 8)[0] == "direct"
+    assert resolve_transport("auto", 4, 4)[0] == "direct"
+    assert resolve_transport("auto", 8, 4)[0] == "all_to_all"
+    assert resolve_transport("auto", 4, 6)[0] == "all_to_all"
+    assert resolve_transport("all_to_all", 4, 8)[0] == "all_to_all"
 
 
 def _config(overrides: dict):

@@ -1,5 +1,6 @@
-"""The CUDA side of csrc/ compiles, without torch and without a GPU, for the GPUs we target (A100
-sm_80, L40/4090 sm_89, H100 sm_90a), and ptxas reports no register spills for any kernel.
+"""The CUDA side of csrc/ (the dispatch/combine kernels and the EP transport's) compiles, without torch
+and without a GPU, for the GPUs we target (A100 sm_80, L40/4090 sm_89, H100 sm_90a), and ptxas reports
+no register spills for any kernel.
 
 A spill means local-memory traffic in what should be a bandwidth-bound copy/reduce loop. (A small
 stack frame is expected: the device-side bad-index report passes printf arguments through it.)
@@ -13,10 +14,12 @@ import pytest
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 ARCHS = {"sm_80": "compute_80", "sm_89": "compute_89", "sm_90a": "compute_90a"}
-# One kernel per body type in DSV3_FOR_EACH_KERNEL (dispatch_kernels.cuh).
+# One kernel per body type in DSV3_FOR_EACH_KERNEL (dispatch_kernels.cuh) and
+# DSV3_FOR_EACH_TRANSPORT_KERNEL (transport_kernels.cuh).
 BODIES = ["LayoutCount", "LayoutScan", "LayoutOffsets", "LayoutWrite", "InvertIndex", "GatherCopy",
-          "GatherScaled", "GatherFp8", "Combine", "CombineWeightGrad"]
-N_KERNELS = 40  # 5 untyped + 5 GatherCopy units + 3 input dtypes x (3 + 3 + 3 + 1)
+          "GatherScaled", "GatherFp8", "Combine", "CombineWeightGrad", "RowAddresses", "Signal", "WaitFlags"]
+N_KERNELS = 40 + 29  # dispatch: 5 untyped + 5 GatherCopy units + 3 input dtypes x (3 + 3 + 3 + 1);
+#                      transport: 3 untyped + 5 GatherCopy units + 3 input dtypes x (3 + 3 + 1), over AddressedRows
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) on PATH")
@@ -42,5 +45,9 @@ def test_cuda_kernels_compile_for_sm80_sm89_sm90a_without_spills(tmp_path):
         for body in BODIES:  # as it appears in an Itanium-mangled name: length-prefixed
             pattern = rf"(?<!\d){len(body)}{body}[IE]"
             assert any(re.search(pattern, name) for name in kernels), f"{arch}: no kernel for {body}"
+        # The row kernels that write straight into peers' buffers (the EP transport) are there too.
+        for body in ["GatherCopy", "GatherScaled", "GatherFp8", "Combine"]:
+            assert any(re.search(rf"(?<!\d){len(body)}{body}I.*13AddressedRows", name) for name in kernels), \
+                f"{arch}: no {body} over AddressedRows"
         spilling = {name: s for name, s in kernels.items() if s != (0, 0)}
         assert not spilling, f"{arch}: kernels spill registers (stores, loads): {spilling}"

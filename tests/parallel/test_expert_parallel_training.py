@@ -53,6 +53,22 @@ def test_ep2_and_ep4_losses_equal_the_single_process_run(single, ep2, tmp_path):
     assert_same_losses(reference, read_metrics(str(tmp_path)), rtol=1e-5, keys=KEYS)
 
 
+def test_ep2_losses_are_the_same_bits_whichever_transport_moves_the_tokens(ep2, tmp_path):
+    """The ep2 fixture runs the default transport, direct (both ranks on this node: rows written into the
+    peer's shared memory); the library all-to-all gives the same bits, every step."""
+    with open(os.path.join(ep2, "train.log")) as f:
+        assert "ep=2, tokens move by direct" in f.read()
+    checked(run_torchrun(2, str(tmp_path), *ARGS, "parallel=ep2", "parallel.ep_transport=all_to_all",
+                         "train.resume=none", timeout=300))
+    with open(os.path.join(tmp_path, "train.log")) as f:
+        assert "ep=2, tokens move by all_to_all (as configured)" in f.read()
+    direct, a2a = read_metrics(ep2), read_metrics(str(tmp_path))
+    assert len(direct) == len(a2a) == STEPS
+    for a, b in zip(direct, a2a):
+        for k in KEYS + ("lr",):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])
+
+
 def test_killed_ep2_run_repeats_and_resumes_bit_for_bit(ep2, tmp_path):
     """A second ep=2 run logs the same losses bit for bit; SIGKILLed after a checkpoint and resumed, it
     continues with exactly the uninterrupted run's losses (expert slices, their AdamW moments, router
