@@ -81,7 +81,8 @@ class Trainer:
         self.plan = apply_parallel_plan(self.model, cfg, env)
         self.moe_layers = self.model.moe_layers()
         if t.compile:
-            log.info("train.compile: %d regions compiled on first use (dsv3/train/compile.py)", compile_regions(self.model))
+            log.info("train.compile: %d regions compiled on first use (dsv3/train/compile.py)",
+                     compile_regions(self.model))
         o = cfg.optim
         self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay, o.layer_lr_decay), lr=o.lr,
                                betas=o.betas, eps=o.eps, moment_dtype=DTYPES[o.moment_dtype])
@@ -162,7 +163,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t),
                                        self.plan.sum_router_loads, self.plan.all_layers)
-        self.expert_loads.add(balance.pop("expert_load", torch.zeros(0, cfg.model.n_routed_experts)))
+        no_moe = torch.zeros(0, cfg.model.n_routed_experts, device=self.env.device)  # a stage without MoE layers
+        self.expert_loads.add(balance.pop("expert_load", no_moe))
 
         all_reduce_sum(sums)  # every (layer, micro-batch) was computed by one rank of each dp replica
         sums /= self.dp
