@@ -68,10 +68,17 @@ class ExpertLoadLog:
 
 class RoutedTokenCounter:
     """Counts the experts every router selects while active (forward hooks on the gates: no change to the
-    model, any plan). For held-out MaxVio: `with counter: <eval forwards>`, then `counter.max_vio(...)`."""
+    model, any plan). For held-out MaxVio: `with counter: <eval forwards>`, then `counter.max_vio(...)`.
 
-    def __init__(self, moe_layers: list[MoE], n_experts: int, device: torch.device):
+    `reported[i]`: whether layer i enters the figures. The held-out MaxVio is the main model's (the MTP
+    modules' layers are counted but left out): a pipeline's evaluation runs the main model only, and the
+    figure must not depend on the plan."""
+
+    def __init__(self, moe_layers: list[MoE], n_experts: int, device: torch.device,
+                 reported: Optional[list[bool]] = None):
         self.moe_layers = moe_layers
+        self.reported = torch.tensor([True] * len(moe_layers) if reported is None else reported,
+                                     dtype=torch.bool, device=device)
         self.counts = torch.zeros(len(moe_layers), n_experts, device=device)
         self.counting = True  # off for filler forwards that only keep ranks in step
         self._hooks = []
@@ -95,14 +102,16 @@ class RoutedTokenCounter:
 
     def max_vio(self, sum_over_ranks: Optional[Callable[[torch.Tensor], None]] = None,
                 all_layers: Optional[AllLayers] = None) -> dict[str, float]:
-        """MaxVio of the counted load, per layer averaged over the model's MoE layers, and the worst layer.
+        """MaxVio of the counted load of the reported layers: averaged over them, and the worst one.
         Collective like the training step's bias update."""
         counts = self.counts.clone()
         if sum_over_ranks is not None and counts.numel():
             sum_over_ranks(counts)
         per_layer = max_violation(counts) if counts.numel() else torch.zeros(0, device=counts.device)
+        reported = self.reported.float()
         if all_layers is not None:
-            per_layer = all_layers(per_layer)
-        if per_layer.numel() == 0:
+            per_layer, reported = all_layers(per_layer), all_layers(reported)
+        if reported.sum() == 0:
             return {}
+        per_layer = per_layer[reported > 0]
         return {"val_max_vio": per_layer.mean().item(), "val_max_vio_worst_layer": per_layer.max().item()}

@@ -21,6 +21,7 @@ from dsv3.config.schema import Config
 from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
+from dsv3.model.moe import MoE
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import apply_parallel_plan
 from dsv3.train import schedules
@@ -203,7 +204,8 @@ class Trainer:
             chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
         names = heldout_names(self.cfg.model.mtp_depth if self.plan.pipeline is None else None)
         total = torch.zeros(len(names), device=self.env.device)
-        counter = RoutedTokenCounter(self.moe_layers, self.cfg.model.n_routed_experts, self.env.device)
+        main_model = [not name.startswith("mtp.") for name, m in self.model.named_modules() if isinstance(m, MoE)]
+        counter = RoutedTokenCounter(self.moe_layers, self.cfg.model.n_routed_experts, self.env.device, main_model)
         with counter:
             for chunk in chunks:
                 counter.counting = bool(chunk)

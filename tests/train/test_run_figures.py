@@ -58,8 +58,8 @@ def test_routed_token_counter_counts_every_token_k_times_and_maxvio_is_the_defin
     assert counter.counts[1].sum() == 2 * 7 * k  # the MTP block sees one token fewer per sequence
     loads = torch.tensor([[10.0, 2.0, 4.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     torch.testing.assert_close(max_violation(loads), torch.tensor([(10 - 4) / 4, 0.0]))
-    figures = RoutedTokenCounter([], 4, torch.device("cpu"))
-    figures.counts = loads
+    figures = RoutedTokenCounter([], 4, torch.device("cpu"), reported=[True, True, False])
+    figures.counts = torch.cat([loads, torch.tensor([[0.0, 0.0, 0.0, 9.0]])])  # the last: an MTP layer
     assert figures.max_vio() == {"val_max_vio": pytest.approx(0.75), "val_max_vio_worst_layer": pytest.approx(1.5)}
     assert len(m.moe_layers()[0].gate._forward_hooks) == 0  # hooks removed
 
