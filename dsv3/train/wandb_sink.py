@@ -5,6 +5,7 @@ run under <run_dir>/wandb with no network (upload later with `wandb sync`)."""
 import hashlib
 import importlib.util
 import os
+import re
 
 from dsv3.config.schema import LoggingConfig
 
@@ -15,12 +16,12 @@ def wandb_available() -> bool:
 
 class WandbSink:
     def __init__(self, cfg: LoggingConfig, run_dir: str, run_name: str, config: dict):
-        import wandb  # validated to be importable (dsv3/config/validate.py)
+        import wandb  # validated to be importable (dsv3/train/observe_rules.py)
 
         os.makedirs(run_dir, exist_ok=True)
         # resume="allow" with a fixed id: a resumed training run continues the same W&B run
         digest = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
-        run_id = cfg.wandb_id or f"{run_name}-{digest}"
+        run_id = cfg.wandb_id or re.sub(r"[^A-Za-z0-9_-]", "-", f"{run_name}-{digest}")  # W&B's id alphabet
         self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, name=cfg.wandb_name or run_name,
                               id=run_id, resume="allow", dir=run_dir, mode=cfg.wandb_mode, config=config)
 
