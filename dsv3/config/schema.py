@@ -96,13 +96,20 @@ class ParallelConfig:
     pp: int = 1
     """Pipeline-parallel degree (number of pipeline ranks); the world is pp x dp ranks, rank = pp_rank * dp +
     dp_rank. The model's layers are cut into stages (2*pp for dualpipev) of contiguous layers; the first
-    stage also embeds, the last one runs the final norm, the head and MTP. Not combinable with ep > 1 yet."""
+    stage also embeds, the last one runs the final norm, the head and MTP. With ep > 1 the EP groups are
+    made of the dp ranks of each stage (ep must divide dp), as in V3's PP16 x EP64."""
     pp_schedule: str = "1f1b"
     """Pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev (see docs/pipeline.md)."""
     microbatches: int = -1
     """Micro-batches per optimizer step and data-parallel rank: train.global_batch_size / (train.micro_batch_size
     * dp). -1 derives it; a value given must equal it. With pp > 1 it is what the schedule is built for
     (dualpipe: even and >= 2*pp; dualpipev: >= 2*pp), so the batch ramp is not available there."""
+    overlap: Optional[bool] = None
+    """Hide the expert all-to-alls of F&B pairs behind the other micro-batch's computation (DeepSeek-V3
+    §3.2.1; dsv3/parallel/overlap.py): DualPipe's and DualPipeV's pairs, or without a pipeline the
+    forward of micro-batch j+1 paired with the backward of j (one more micro-batch's activations
+    alive). Losses are bit-identical either way. null = on wherever there is something to overlap
+    (ep > 1, and pp = 1 or pp_schedule dualpipe|dualpipev); true elsewhere is refused."""
 
 
 @dataclass

@@ -84,7 +84,8 @@ def validate_expert_parallel(m: Any, p: Any, dp: int, local_world_size: int) -> 
     _require(m.n_routed_experts % p.ep == 0, "parallel.ep", p.ep,
              f"must divide model.n_routed_experts ({m.n_routed_experts}): each rank holds an equal slice")
     _require(dp % p.ep == 0, "parallel.ep", p.ep,
-             f"must divide the data-parallel size ({dp}): EP groups are made of data-parallel ranks")
+             f"must divide the data-parallel size ({dp} = world size / parallel.pp): EP groups are made of "
+             "the data-parallel ranks of each pipeline stage")
     _require(p.expert_align >= 1, "parallel.expert_align", p.expert_align, "must be >= 1 (1 = no padding)")
     if p.ep > 1 and m.n_expert_groups > 1:
         # Node-limited routing (V3 §2.1.2): a token uses experts of at most n_limited_groups groups. With
@@ -94,6 +95,20 @@ def validate_expert_parallel(m: Any, p: Any, dp: int, local_world_size: int) -> 
         _require(g % p.ep == 0 or p.ep % g == 0, "model.n_expert_groups", g,
                  f"must be a multiple or a divisor of parallel.ep ({p.ep}), so that expert groups align with "
                  "the ranks holding them (node-limited routing)")
+
+
+def validate_overlap(p: Any) -> None:
+    """parallel.overlap=true needs something to overlap: expert all-to-alls inside F&B pairs."""
+    from dsv3.parallel.pipeline.config import PAIR_SCHEDULES
+
+    if p.overlap is not True:
+        return
+    _require(p.ep > 1, "parallel.overlap", p.overlap,
+             f"true needs expert parallelism (parallel.ep > 1; got {p.ep}): it hides the expert all-to-alls; "
+             "use false or null")
+    _require(p.pp == 1 or p.pp_schedule in PAIR_SCHEDULES, "parallel.overlap", p.overlap,
+             f"true needs F&B pairs: parallel.pp=1 (accumulation pairs) or parallel.pp_schedule one of "
+             f"{', '.join(PAIR_SCHEDULES)} (got pp={p.pp}, {p.pp_schedule}); use false or null")
 
 
 def validate_pipeline_parallel(m: Any, p: Any, t: Any) -> None:
@@ -107,8 +122,6 @@ def validate_pipeline_parallel(m: Any, p: Any, t: Any) -> None:
              "must be >= 1, or -1 to derive it from the batch sizes")
     if p.pp == 1:
         return
-    _require(p.ep == 1, "parallel.ep", p.ep,
-             "must be 1 with parallel.pp > 1: expert parallelism inside pipeline stages is not supported yet")
     _require(t.batch_ramp_start == 0, "train.batch_ramp_start", t.batch_ramp_start,
              "must be 0 with parallel.pp > 1: the schedule is built for a fixed number of micro-batches")
     if p.microbatches != -1:
@@ -236,6 +249,7 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
     _require(dp >= 1 and dp * p.pp == world_size, "parallel.dp", p.dp,
              f"dp * pp must equal the world size ({world_size}); -1 infers dp")
     validate_expert_parallel(m, p, dp, world_size if local_world_size is None else local_world_size)
+    validate_overlap(p)
 
     _require(t.max_steps >= 0, "train.max_steps", t.max_steps, "must be >= 0")
     _require(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "must be > 0")

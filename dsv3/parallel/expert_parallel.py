@@ -130,7 +130,7 @@ class _CombineRows(torch.autograd.Function):
         # dw needs the returned rows in backward; a direct transport's are a view of its receive slot.
         saved = None
         if ctx.needs_input_grad[1]:
-            saved = y_back if isinstance(d.transport, AllToAllTransport) else y_back.clone()
+            saved = y_back if d.transport.kind == AllToAllTransport.kind else y_back.clone()
         d.transport.release(pending.exchange)
         ctx.save_for_backward(saved, weights)
         ctx.state, ctx.d, ctx.y_dtype = pending.state, d, y.dtype

@@ -5,11 +5,9 @@ trainer's `loss / n_micro`. The MoE balance losses do not pass through the execu
 layer adds its own through an autograd side channel whose backward feeds `balance_loss_coeff`,
 and the trainer sets that to alpha / m, the same 1/m share (see dsv3/model/moe.py).
 
-Overlap. The executor's F&B hook stays `sequential_overlap`: on CPU there is nothing to overlap.
-On GPU with expert parallelism inside the stages, a hook for DualPipe's F&B pairs would run the
-forward chunk's MoE dispatch/combine all-to-alls while the backward chunk computes its attention
-and expert GEMMs, and vice versa (DualPipe's `overlapped_forward_backward`); it would be passed as
-`overlap=` to the executor below.
+Overlap. With expert parallelism inside the stages, the plan passes its Communicator's `run_pair`
+as the executor's F&B hook: DualPipe's pairs then run the forward chunk's MoE all-to-alls while the
+backward chunk computes, and vice versa (dsv3/parallel/overlap.py).
 """
 from __future__ import annotations
 
@@ -20,10 +18,13 @@ import torch
 import torch.distributed as dist
 
 from dsv3.parallel.model_stages import HeadLoss, StepContext
-from dsv3.parallel.pipeline.executor import PipelineExecutor, Stage
+from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
 from dsv3.parallel.pipeline.schedule import Schedule
+from dsv3.train.heldout import heldout_names
 
-MicroBatch = tuple[torch.Tensor, torch.Tensor]   # (tokens [b, S], labels [b, S])
+# (tokens [b, S], labels [b, S], document numbers: always None here, validation refuses document
+# masks with pipelines, whose stages pass on activations only)
+MicroBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
 
 class PipelineRunner:
@@ -35,16 +36,18 @@ class PipelineRunner:
         ctx: the StepContext shared with the stage modules.
         pp_rank, group: this rank's position in the pipeline and the pipeline process group.
         act_shape: (micro-batch size, seq_len, dim) of the activations between stages.
+        overlap: the executor's F&B hook (None: forward, then backward).
     """
 
     def __init__(self, schedule: Schedule, stages: list[Stage], ctx: StepContext, pp_rank: int,
-                 group: dist.ProcessGroup, act_shape: tuple[int, int, int], device: torch.device):
+                 group: dist.ProcessGroup, act_shape: tuple[int, int, int], device: torch.device,
+                 overlap: Optional[OverlapHook] = None):
         self.schedule, self.stages, self.ctx = schedule, {s.index: s for s in stages}, ctx
         self.pp_rank, self.group, self.device = pp_rank, group, device
         # The residual stream stays in the parameters' dtype (fp32 master weights): autocast lowers
         # GEMM outputs only, and the residual additions promote back.
         self.executor = PipelineExecutor(schedule, stages, act_shape=act_shape, act_dtype=torch.float32,
-                                         rank=pp_rank, group=group, device=device)
+                                         rank=pp_rank, group=group, device=device, overlap=overlap)
         last = schedule.n_stages - 1
         self.head: Optional[HeadLoss] = self.stages[last].loss_fn if last in self.stages else None
         m = range(schedule.microbatches)
@@ -73,7 +76,7 @@ class PipelineRunner:
         inputs: list = [None] * m
         targets: list = [None] * m
         for j in sorted(set(self._first) | set(self._last)):
-            tokens, labels = micro_batch(j)
+            tokens, labels, _ = micro_batch(j)
             inputs[j], targets[j] = tokens, (tokens, labels)
         for mod in self._modules():
             mod.train()
@@ -87,8 +90,20 @@ class PipelineRunner:
         return sums
 
     @torch.no_grad()
-    def forward_loss(self, tokens: torch.Tensor, labels: torch.Tensor,
-                     autocast: AbstractContextManager) -> Optional[torch.Tensor]:
+    @property
+    def eval_names(self) -> list[str]:
+        return heldout_names(None)  # the main loss only: the stages run the main model
+
+    def eval_sums(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
+                  autocast: AbstractContextManager) -> Optional[dict[str, torch.Tensor]]:
+        """The held-out loss of one batch summed over its predictions (`eval_names`), on the rank running
+        the last stage; None on the others."""
+        loss = self.eval_loss(tokens, labels, documents, autocast)
+        n = float(labels.numel())
+        return None if loss is None else {"loss": loss.float() * n, "count": loss.new_tensor(n)}
+
+    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
+                  autocast: AbstractContextManager) -> Optional[torch.Tensor]:
         """Main next-token CE of one batch through all stages (micro-batch 0's route), no backward:
         the held-out loss. Returns it on the rank running the last stage, None on the others; every
         pipeline rank of the data-parallel replica must call it with the same batch shape."""

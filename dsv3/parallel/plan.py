@@ -1,217 +1,220 @@
-"""The parallel plan: applied to a built model from outside it, before the optimizer is made.
+"""The parallel plan: the one interface through which the trainer runs a step, whatever the layout.
 
-Expert parallelism lives inside the data-parallel ranks, as in DeepSeek-V3: the dp ranks form a
-(dp/ep) x ep mesh; a row ("ep", contiguous ranks) splits every MoE layer's routed experts into
-contiguous slices and exchanges tokens; a column ("edp") holds replicas of the same slice. Every rank
-still trains on its own share of the global batch, so an ep=N run is also N-way data parallel.
+    plan = build_plan(model, cfg, env)     # applies every dimension to the built model, from outside it
+    plan.build_optimizer(cfg.optim)
+    parts = plan.train_step(micro_batch, n_micro, mtp_weight, autocast)   # forward + backward
+    norm  = plan.reduce_and_clip(max_norm) # gradients of the global batch, global norm, clipping
+    plan.optimizer_step(lr)
+    plan.to_global / plan.to_local         # checkpoints: this rank's state <-> the plan-independent view
 
-Pipeline parallelism (pp > 1) cuts the model into stages over pp ranks, each replicated over dp data-parallel
-ranks; what it needs of the plan lives in `pipeline_plan.PipelinePlan`, to which the methods below defer.
+It is composed of one part per dimension, each in its own module, applied in a fixed order:
+- `layout`: the world as pp x dp ranks (dp = edp x ep) and the process groups, made once;
+- `expert_shards`: expert parallelism inside the dp ranks of each pipeline position (applied to the
+  whole model first, so it holds inside every pipeline stage);
+- the runner: `local_runner` (gradient accumulation) or `pipeline_plan` (cut into stages, run by a
+  schedule); the F&B pairs of either overlap the expert all-to-alls (`overlap`);
+- `replicas`: who holds a copy of which tensor, and the one rule that reduces gradients and router
+  counts over the copies.
+A further dimension (ZeRO sharding of the optimizer state) replaces `reduce_and_clip`'s reduction
+and `optimizer_step` and adds its entries to `to_global`/`to_local`; the trainer does not change.
 
-Gradients (loss of the step = mean over the dp ranks of each rank's mean loss L_r):
-- non-expert parameters: rank r holds dL_r/dθ; the mean over all dp ranks is dL/dθ.
-- expert parameters: through the backward of the token exchange, a rank already holds the sum over
-  its EP group of dL_r/dθ_e (every peer's tokens that reached its experts); summing that over the
-  EDP group covers all dp ranks once, and dividing by dp (not by the EDP size) gives dL/dθ_e.
+Gradients (the loss of a step is the mean over the dp replicas of each replica's mean loss): a
+parameter's gradient is the sum over all its copies divided by dp (`replicas` says why that also
+holds for expert slices). The global gradient norm is torch.nn.utils.clip_grad_norm_'s over the whole
+model: the norm of the per-tensor norms in the whole model's parameter order, each tensor counted
+once (by its owner) and each expert tensor's norm assembled from its slices over the EP group.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from contextlib import AbstractContextManager
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
-from dsv3.config.schema import Config
-from dsv3.model.moe import Experts, MoE
-from dsv3.parallel.data_parallel import average_gradients
-from dsv3.parallel.ep_transport import (Transport, gpus_reach_each_other, local_world_size, make_transport,
-                                        resolve_transport)
-from dsv3.parallel.expert_parallel import ExpertParallelDispatcher
-from dsv3.parallel.mesh import Env, all_reduce_sum
-from dsv3.parallel.pipeline_plan import PipelinePlan, apply_pipeline
-
-if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
-
-log = logging.getLogger(__name__)
+from dsv3.config.schema import Config, OptimConfig, ParallelConfig
+from dsv3.model import Transformer
+from dsv3.model.moe import MoE
+from dsv3.parallel.expert_shards import ExpertShards
+from dsv3.parallel.layout import Layout, make_layout
+from dsv3.parallel.local_runner import LocalRunner, MicroBatch
+from dsv3.parallel.mesh import Env
+from dsv3.parallel.overlap import Communicator
+from dsv3.parallel.pipeline.config import PAIR_SCHEDULES
+from dsv3.parallel.pipeline_plan import build_pipeline
+from dsv3.parallel.pipeline_runner import PipelineRunner
+from dsv3.parallel.replicas import Replicas
+from dsv3.train.optim import DTYPES, AdamW, parameter_groups
 
 
-@dataclass
+class WholeModel:
+    """What the plan needs to know of the whole model, read before any dimension cuts or slices it."""
+
+    def __init__(self, model: Transformer):
+        self.param_index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+        self.moe_index = {n: i for i, (n, m) in enumerate((n, m) for n, m in model.named_modules()
+                                                          if isinstance(m, MoE))}
+        self.n_params = sum(p.numel() for p in model.parameters())
+
+
 class Plan:
-    """What the trainer asks of the parallel layout: gradient reduction, the global gradient norm, and
-    the mapping between this rank's state dict and the plan-independent (global) one for checkpoints."""
+    def __init__(self, model: Transformer, layout: Layout, whole: WholeModel,
+                 runner: Union[LocalRunner, PipelineRunner], experts: ExpertShards, replicas: Replicas,
+                 comm: Communicator, cfg_parallel: ParallelConfig):
+        self.model, self.layout, self.whole, self.cfg_parallel = model, layout, whole, cfg_parallel
+        self.runner, self.experts, self.replicas, self.comm = runner, experts, replicas, comm
+        self.local_moes = [n for n, m in model.named_modules() if isinstance(m, MoE)]  # model order
+        self.optimizer: Optional[torch.optim.Optimizer] = None
 
-    dp: int = 1
-    ep: int = 1
-    mesh: Optional["DeviceMesh"] = None  # ("edp", "ep") when ep > 1
-    expert_params: dict[str, nn.Parameter] = field(default_factory=dict)  # name -> local slice [E/ep, ...]
-    pipeline: Optional[PipelinePlan] = None  # pp > 1: this rank's stages and the rules for replicated tensors
-    ep_transport: Optional[Transport] = None  # ep > 1: how the EP group's dispatchers move tokens
+    # -- where this rank's data comes from ------------------------------------------------------
+    @property
+    def dp(self) -> int:
+        return self.layout.dp
 
     @property
-    def ep_group(self) -> Optional[dist.ProcessGroup]:
-        return self.mesh.get_group("ep") if self.mesh is not None else None
+    def dp_rank(self) -> int:
+        return self.layout.dp_rank
 
     @property
-    def edp_group(self) -> Optional[dist.ProcessGroup]:
-        return self.mesh.get_group("edp") if self.mesh is not None else None
+    def n_params(self) -> int:
+        """Parameters of the whole model, not only this rank's stages and slices."""
+        return self.whole.n_params
 
-    def _split(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        expert_ids = {id(p) for p in self.expert_params.values()}
-        params = [p for p in model.parameters() if p.requires_grad]
-        return ([p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids])
+    @property
+    def n_moe_layers(self) -> int:
+        return len(self.whole.moe_index)
 
-    def reduce_gradients(self, model: nn.Module) -> None:
-        """Turn each rank's gradients of its own loss into the gradient of the global-batch mean loss."""
-        if self.pipeline is not None:
-            return self.pipeline.reduce_gradients(model)
-        dense, experts = self._split(model)
-        average_gradients(dense)  # over the whole dp group (the default group while pp = 1)
-        if experts:
-            average_gradients(experts, group=self.edp_group, divisor=self.dp)  # module doc: why dp
+    # -- the step ---------------------------------------------------------------------------------
+    def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
+                   autocast: AbstractContextManager) -> torch.Tensor:
+        """Forward and backward of this replica's n_micro micro-batches (`micro_batch(j)` loads one:
+        tokens, labels, document numbers or None);
+        gradients accumulate in `.grad`. Returns [main CE, MTP CE, balance loss] of what this rank
+        computed (see `global_loss_parts`)."""
+        return self.runner.train_step(micro_batch, n_micro, mtp_weight, autocast)
+
+    def global_loss_parts(self, parts: torch.Tensor) -> torch.Tensor:
+        """This rank's `train_step` parts -> the global batch's means, on every rank: every (layer,
+        micro-batch) was computed by one rank of each replica, so the sum over the world is dp times it."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(parts)
+        return parts / self.dp
+
+    @property
+    def eval_names(self) -> list[str]:
+        """The keys of `eval_sums`' figures (dsv3/train/heldout.py), the same on every rank."""
+        return self.runner.eval_names
+
+    def eval_sums(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
+                  autocast: AbstractContextManager) -> Optional[dict[str, torch.Tensor]]:
+        """Held-out figures of one batch summed over its predictions, no backward: the main loss, and
+        where the runner holds the whole model accuracy and the MTP modules' figures; None on ranks
+        that compute none (not the last pipeline stage). Every rank of a replica, and of an EP group,
+        must call it alike."""
+        return self.runner.eval_sums(tokens, labels, documents, autocast)
 
     @torch.no_grad()
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Global L2 norm of the gradients (each expert slice counted once, non-expert parameters once);
-        scales them to at most `max_norm` when it is > 0. Call after `reduce_gradients`."""
-        if self.pipeline is not None:
-            return self.pipeline.clip_grad_norm(model, max_norm)
-        dense, experts = self._split(model)
-        if not experts:  # no expert sharding: exactly torch's clipping (the single-process path)
-            grads = [p.grad for p in dense if p.grad is not None]
-            return (torch.nn.utils.clip_grad_norm_(dense, max_norm) if max_norm > 0
-                    else torch.nn.utils.get_total_norm(grads))
-
-        def sum_of_squares(params: list[nn.Parameter]) -> torch.Tensor:
-            return sum((p.grad.float().square().sum() for p in params if p.grad is not None),
-                       torch.zeros((), dtype=torch.float32, device=experts[0].device))
-
-        expert_squares = sum_of_squares(experts)
-        dist.all_reduce(expert_squares, group=self.ep_group)  # the EP ranks hold disjoint expert slices
-        total = (sum_of_squares(dense) + expert_squares).sqrt()
+    def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
+        """Turn each rank's gradients into those of the global batch's mean loss; return the global
+        gradient norm and scale the gradients to at most `max_norm` when it is > 0."""
+        self.replicas.reduce_gradients(self.model.named_parameters())
+        grads = {n: p.grad for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None}
+        norms = {n: torch.linalg.vector_norm(g) for n, g in grads.items() if n not in self.experts.names}
+        norms.update({n: s.sqrt() for n, s in self.experts.squared_norms(grads).items()})
+        total = torch.linalg.vector_norm(self._whole_model_vector(self.whole.param_index, norms))
         if max_norm > 0:
-            coeff = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
-            for p in dense + experts:
-                if p.grad is not None:
-                    p.grad.mul_(coeff)
+            coeff = (max_norm / (total + 1e-6)).clamp(max=1.0)   # as torch.nn.utils.clip_grad_norm_
+            for g in grads.values():
+                g.mul_(coeff)
         return total
 
-    def global_numel(self, model: nn.Module) -> int:
-        """Parameters of the whole model, not only this rank's slices."""
-        if self.pipeline is not None:
-            return self.pipeline.n_params
-        local = sum(p.numel() for p in model.parameters())
-        return local + (self.ep - 1) * sum(p.numel() for p in self.expert_params.values())
+    def build_optimizer(self, o: OptimConfig) -> torch.optim.Optimizer:
+        self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay, o.layer_lr_decay), lr=o.lr,
+                               betas=o.betas, eps=o.eps, moment_dtype=DTYPES[o.moment_dtype])
+        return self.optimizer
 
-    def global_moe_layers(self, model: nn.Module) -> int:
-        """MoE layers of the whole model, not only this rank's stages."""
-        return len(model.moe_layers()) if self.pipeline is None else len(self.pipeline.moe_index)
+    def optimizer_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
+    def step_metrics(self) -> dict[str, float]:
+        """What the plan measured during the last step, for the metrics log: the expert all-to-alls'
+        time from issue to completion and the part of it no computation hid (exposed), in seconds;
+        the same for those inside F&B pairs (the ones the overlap can hide)."""
+        stats = self.comm.take_stats()
+        if not stats.calls:
+            return {}
+        out = {"a2a_s": stats.in_flight_s, "a2a_exposed_s": stats.exposed_s}
+        if stats.pair_calls:
+            out.update(a2a_pair_s=stats.pair_in_flight_s, a2a_pair_exposed_s=stats.pair_exposed_s)
+        return out
+
+    def describe(self) -> str:
+        lay, p = self.layout, self.cfg_parallel
+        parts = [f"pp={lay.pp} ({p.pp_schedule})" if lay.pp > 1 else None, f"dp={lay.dp}",
+                 f"ep={lay.ep}" if lay.ep > 1 else None,
+                 f"F&B overlap {'on' if self.comm.overlap else 'off'}" if lay.ep > 1 else None]
+        return " x ".join(x for x in parts[:3] if x) + (f", {parts[3]}" if parts[3] else "")
+
+    # -- router statistics --------------------------------------------------------------------------
     def sum_router_loads(self, loads: torch.Tensor) -> None:
-        """Sum the expert counts of this rank's MoE layers ([layers, experts], in model order) over every
+        """Expert counts of this rank's MoE layers ([layers, experts], model order) summed over every
         rank that routed tokens through the same layer, for the aux-loss-free bias update."""
-        if self.pipeline is not None:
-            return self.pipeline.sum_router_loads(loads)
-        all_reduce_sum(loads)  # every rank holds every router
+        self.replicas.sum_rows(self.local_moes, loads)
 
     def all_layers(self, values: torch.Tensor) -> torch.Tensor:
         """Per-layer values of this rank's MoE layers -> those of every MoE layer of the model."""
-        return values if self.pipeline is None else self.pipeline.all_layers(values)
+        return self._whole_model_vector(self.whole.moe_index, dict(zip(self.local_moes, values)))
 
-    # -- checkpoints: expert slices appear as DTensors sharded on dim 0, so DCP reshards across ep -------
+    def _whole_model_vector(self, index: dict[str, int], values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A vector over the whole model (positions `index`): each value placed by its owner only,
+        summed over the pipeline ranks (x + 0 = x: exact). Collective over the pipeline group."""
+        device = next(self.model.parameters()).device
+        vec = torch.zeros(len(index), dtype=torch.float32, device=device)
+        owned = [(index[n], v) for n, v in values.items() if self.replicas.is_owner(n)]
+        if owned:
+            vec[torch.tensor([i for i, _ in owned], device=device)] = torch.stack([v.float() for _, v in owned])
+        pp_group = self.layout.group("pp")
+        if pp_group is not None:
+            dist.all_reduce(vec, group=pp_group)
+        return vec
+
+    # -- checkpoints ----------------------------------------------------------------------------------
     def to_global(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
-        """Copies of the state dicts with this rank's expert slices (weights and their optimizer moments)
-        as DTensors of the global shape. The inputs are left alone: they share the optimizer's state."""
-        if self.mesh is None:
-            return model_sd, optim_sd
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        def wrap(t: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
-            if t.shape != p.shape:  # the scalar step count
-                return t
-            return DTensor.from_local(t, self.mesh, [Replicate(), Shard(0)], run_check=False)
-
-        return self._map_experts(model_sd, optim_sd, wrap)
+        """This rank's state dicts -> the plan-independent view DCP saves and loads (global names
+        already; expert slices as DTensors of the global shape). The inputs are left alone."""
+        return self.experts.to_global(model_sd, optim_sd)
 
     def to_local(self, model_sd: dict, optim_sd: dict) -> tuple[dict, dict]:
-        """Inverse of `to_global` (after a load filled the DTensors in place)."""
-        if self.mesh is None:
-            return model_sd, optim_sd
-        from torch.distributed.tensor import DTensor
-
-        return self._map_experts(model_sd, optim_sd, lambda t, p: t.to_local() if isinstance(t, DTensor) else t)
-
-    def _map_experts(self, model_sd: dict, optim_sd: dict, fn) -> tuple[dict, dict]:
-        # optim_sd is flattened by parameter name (dsv3.train.checkpoint): "state.<name>.exp_avg", ...
-        model_sd, optim_sd = dict(model_sd), dict(optim_sd)
-        for name, p in self.expert_params.items():
-            model_sd[name] = fn(model_sd[name], p)
-            prefix = f"state.{name}."
-            for key in [k for k in optim_sd if k.startswith(prefix)]:
-                if torch.is_tensor(optim_sd[key]):
-                    optim_sd[key] = fn(optim_sd[key], p)
-        return model_sd, optim_sd
+        """Inverse of `to_global` (after a load filled the global view in place)."""
+        return self.experts.to_local(model_sd, optim_sd)
 
 
-def apply_parallel_plan(model: nn.Module, cfg: Config, env: Env) -> Plan:
-    """Apply `cfg.parallel` to a built, initialized model (before the optimizer is made) and return the
-    plan. With pp = ep = 1 the model is left unchanged (plain data parallelism over the world); with pp > 1
-    it is cut to this rank's pipeline stages."""
+def build_plan(model: Transformer, cfg: Config, env: Env) -> Plan:
+    """Apply `cfg.parallel` to a built, initialized model (weights loaded, optimizer not made yet)."""
+    layout = make_layout(cfg.parallel, env)
+    whole = WholeModel(model)
+    holders_of: Callable[[str], tuple[int, ...]] = lambda name: (0,)  # noqa: E731
+    comm = Communicator(overlap=overlap_enabled(cfg))
+    experts = ExpertShards.apply(model, cfg, layout, comm, env.device)   # before the cut: inside every stage
+    if layout.pp > 1:
+        runner, stage_layout = build_pipeline(model, cfg, layout, comm)
+        holders_of = stage_layout.holders
+    else:
+        runner = LocalRunner(model, env.device, comm)
+    names = list(whole.param_index) + list(whole.moe_index)
+    replicas = Replicas({n: holders_of(n) for n in names}, experts.names, layout)
+    return Plan(model, layout, whole, runner, experts, replicas, comm, cfg.parallel)
+
+
+def overlap_enabled(cfg: Config) -> bool:
+    """parallel.overlap, with null meaning: on wherever there is something to overlap (expert
+    parallelism, and F&B pairs: DualPipe's, DualPipeV's, or the accumulation's without a pipeline).
+    Validation refuses `true` where there is not."""
     p = cfg.parallel
-    dp = env.world_size // p.pp
-    if p.pp > 1 and p.ep > 1:  # validation refuses it first
-        raise NotImplementedError(f"parallel.ep={p.ep} with parallel.pp={p.pp}: expert parallelism inside "
-                                  "pipeline stages is not implemented")
-    if p.pp > 1:
-        return Plan(dp=dp, pipeline=apply_pipeline(model, cfg, env, dp))
-    if p.ep == 1:
-        return Plan(dp=dp)
-    if dp % p.ep:
-        raise ValueError(f"parallel.ep={p.ep} must divide the data-parallel size {dp}")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(env.device.type, (dp // p.ep, p.ep), mesh_dim_names=("edp", "ep"))
-    ep_rank = mesh.get_local_rank("ep")
-    # FP8 dispatch goes with the FP8 recipe (DeepSeek-V3 §3.3).
-    fp8 = cfg.precision.dtype == "fp8"
-    kind, why = resolve_transport(p.ep_transport, p.ep, local_world_size())
-    if kind == "direct" and p.ep_transport == "auto" and env.device.type == "cuda":
-        # Not chosen for the user on GPUs until it has run on one: its CUDA IPC buffers and flag protocol
-        # are compiled and tested on CPU only. `parallel.ep_transport=direct` asks for it explicitly.
-        kind, why = "all_to_all", ("auto: the direct transport is not yet measured on a GPU "
-                                   "(parallel.ep_transport=direct to use it)")
-    if kind == "direct" and env.device.type == "cuda" and not gpus_reach_each_other(mesh.get_group("ep"), env.device):
-        raise ValueError("parallel.ep_transport=direct: the GPUs of an EP group cannot access each other's "
-                         "memory (no peer access); use parallel.ep_transport=all_to_all")
-    transport = make_transport(kind, mesh.get_group("ep"), env.device)  # one per group: its exchanges are numbered
-    if env.is_main:
-        log.info("expert parallelism: ep=%d, tokens move by %s (%s)", p.ep, kind, why)
-    plan = Plan(dp=dp, ep=p.ep, mesh=mesh, ep_transport=transport)
-    for name, module in model.named_modules():
-        if isinstance(module, Experts):
-            plan.expert_params.update(_keep_slice(module, name, ep_rank, p.ep))
-        elif isinstance(module, MoE):
-            module.dispatcher = ExpertParallelDispatcher(mesh.get_group("ep"), cfg.model.n_routed_experts,
-                                                         align=p.expert_align, fp8=fp8, transport=transport)
-    return plan
+    if p.overlap is not None:
+        return bool(p.overlap)
+    return p.ep > 1 and (p.pp == 1 or p.pp_schedule in PAIR_SCHEDULES)
 
 
-@torch.no_grad()
-def _keep_slice(experts: Experts, name: str, ep_rank: int, ep: int) -> dict[str, nn.Parameter]:
-    """Keep the contiguous slice of experts of `ep_rank`. Slicing the initialized weights gives the
-    single-process values whatever produced them (init is seeded per global expert, so re-initializing
-    the slice would too, but slicing also keeps weights loaded before the plan, e.g. checkpoint.init_from)."""
-    if experts.expert_offset != 0:
-        raise ValueError(f"{name}: the experts are already a slice (expert_offset={experts.expert_offset})")
-    n_local = experts.w13.shape[0] // ep
-    lo = ep_rank * n_local
-    kept = {}
-    for pname, param in list(experts.named_parameters(recurse=False)):
-        local = nn.Parameter(param[lo:lo + n_local].clone(), requires_grad=param.requires_grad)
-        setattr(experts, pname, local)
-        kept[f"{name}.{pname}"] = local
-    experts.expert_offset = lo
-    return kept

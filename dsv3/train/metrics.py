@@ -65,6 +65,8 @@ class MetricsLogger:
             parts.append(f"mem {metrics['peak_mem_gib']:.2f} GiB")
         if "max_vio" in metrics:
             parts.append(f"maxvio {metrics['max_vio']:.2f}")
+        if "a2a_s" in metrics:  # expert all-to-alls on rank 0: issue to completion, and what was not hidden
+            parts.append(f"a2a {1e3 * metrics['a2a_s']:.0f} ms ({1e3 * metrics['a2a_exposed_s']:.0f} exposed)")
         if eta == eta:
             parts.append(f"eta {format_duration(eta)}")
         log.info(" | ".join(parts))

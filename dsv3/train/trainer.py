@@ -4,8 +4,8 @@ aux-loss-free bias updates, periodic validation, metrics and atomic checkpoints.
 Per-step losses do not depend on the plan: the global batch of a step is the same set of samples
 however it is split over ranks and micro-batches, every micro-batch has the same number of tokens,
 and each rank's share is weighted so that the gradients average to the whole batch's mean loss.
-With pipeline parallelism (parallel.pp > 1) the same micro-batches run through the plan's pipeline
-schedule instead of the accumulation loop; everything around the step is shared.
+The parallel plan (dsv3/parallel/plan.py) runs the step, reduces the gradients and maps checkpoints;
+the loop does not know which dimensions it is made of.
 """
 import contextlib
 import logging
@@ -23,14 +23,13 @@ from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
 from dsv3.model.moe import MoE
 from dsv3.parallel.mesh import Env, all_reduce_sum
-from dsv3.parallel.plan import apply_parallel_plan
+from dsv3.parallel.plan import build_plan
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsv3.train.compile import compile_regions
-from dsv3.train.heldout import heldout_figures, heldout_names, heldout_sums
+from dsv3.train.heldout import heldout_figures
 from dsv3.train.metrics import MetricsLogger
-from dsv3.train.optim import DTYPES, AdamW, parameter_groups
 from dsv3.train.perf import Throughput
 from dsv3.train.profiling import StepProfiler
 from dsv3.train.routing_stats import ExpertLoadLog, RoutedTokenCounter
@@ -64,8 +63,6 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str, env: Env):
         self.cfg, self.run_dir, self.env = cfg, run_dir, env
         t = cfg.train
-        self.dp = env.world_size // cfg.parallel.pp
-        self.dp_rank = env.rank % self.dp
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
@@ -79,14 +76,13 @@ class Trainer:
             # Before the plan: the weights are loaded whole, and the plan slices them like initialized ones.
             load_initial_weights(cfg.checkpoint.init_from, self.model, cfg.model)
             log.info("initialized weights from %s", cfg.checkpoint.init_from)
-        self.plan = apply_parallel_plan(self.model, cfg, env)
+        self.plan = build_plan(self.model, cfg, env)
+        self.dp, self.dp_rank = self.plan.dp, self.plan.dp_rank
         self.moe_layers = self.model.moe_layers()
         if t.compile:
             log.info("train.compile: %d regions compiled on first use (dsv3/train/compile.py)",
                      compile_regions(self.model))
-        o = cfg.optim
-        self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay, o.layer_lr_decay), lr=o.lr,
-                               betas=o.betas, eps=o.eps, moment_dtype=DTYPES[o.moment_dtype])
+        self.optimizer = self.plan.build_optimizer(cfg.optim)
         self.state = TrainState()
         # fp8 on a GPU: BF16 for what stays out of FP8 (V3 report); on CPU fp32 (the emulation).
         bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "fp8" and env.device.type == "cuda")
@@ -106,11 +102,11 @@ class Trainer:
             self.state = TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
             log.info("resumed from %s at step %d", resume, self.state.step)
         if env.is_main:
-            n_params = self.plan.global_numel(self.model)
+            n_params = self.plan.n_params
             log.info("model: %.2fM parameters, %d MoE layers (MTP modules included); data: %d train / %d val "
-                     "samples of %d tokens; device %s, %s, world size %d", n_params / 1e6, self.plan.global_moe_layers(self.model),
-                     len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device, cfg.precision.dtype,
-                     env.world_size)
+                     "samples of %d tokens; device %s, %s, world size %d: %s", n_params / 1e6,
+                     self.plan.n_moe_layers, len(self.train_data), len(self.val_data), cfg.data.seq_len, env.device,
+                     cfg.precision.dtype, env.world_size, self.plan.describe())
             log.info("data: %s%s%s", self.train_data.describe(),
                      f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
                      "; attention masked at document boundaries" if cfg.data.document_masks else "")
@@ -142,52 +138,26 @@ class Trainer:
         lam = schedules.mtp_weight(st.step, t)
         for moe in self.moe_layers:  # alpha, scaled like the micro-batch's share of the loss
             moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
-        self.model.train()
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
         def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
 
-        if self.plan.pipeline is not None:
-            # main CE, MTP CE, balance loss of what this rank's stages computed
-            # (validation refuses document masks with pipelines: the stages get tokens and labels only)
-            sums = self.plan.pipeline.runner.train_step(lambda j: micro_batch(j)[:2], n_micro, lam, self.autocast)
-        else:
-            sums = self._accumulate(micro_batch, n_micro, lam)
-
-        self.plan.reduce_gradients(self.model)
-        grad_norm = self.plan.clip_grad_norm(self.model, cfg.optim.grad_clip)
+        sums = self.plan.train_step(micro_batch, n_micro, lam, self.autocast)  # main CE, MTP CE, balance
+        grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip)
         lr = schedules.learning_rate(st.step, cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.plan.optimizer_step(lr)
         balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t),
                                        self.plan.sum_router_loads, self.plan.all_layers)
         no_moe = torch.zeros(0, cfg.model.n_routed_experts, device=self.env.device)  # a stage without MoE layers
         self.expert_loads.add(balance.pop("expert_load", no_moe))
-
-        all_reduce_sum(sums)  # every (layer, micro-batch) was computed by one rank of each dp replica
-        sums /= self.dp
+        sums = self.plan.global_loss_parts(sums)
         st.step += 1
         st.consumed_samples += batch_size
         data = self.train_data.report(st.consumed_samples - batch_size, st.consumed_samples, st.step)
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
-                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance, **data}
-
-    def _accumulate(self, micro_batch, n_micro: int, lam: float) -> torch.Tensor:
-        """Gradient accumulation over the micro-batches (pp = 1); returns the step's [main CE, MTP CE,
-        balance loss] means on this rank."""
-        sums = torch.zeros(3, device=self.env.device)
-        for j in range(n_micro):
-            tokens, labels, documents = micro_batch(j)
-            with self.autocast:
-                parts = self.model.losses(tokens, labels, documents)
-            mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
-            ((parts.main + lam * mtp) / n_micro).backward()
-            balance = sum((m.last_balance_loss.to(sums.device) for m in self.moe_layers), torch.zeros_like(sums[0]))
-            sums += torch.stack([parts.main.detach().float(), mtp.detach().float(), balance]) / n_micro
-        return sums
+                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance, **data,
+                **self.plan.step_metrics()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -197,12 +167,11 @@ class Trainer:
         t = self.cfg.train
         n = min(len(self.val_data), t.val_samples)
         mine = list(range(self.dp_rank, n, self.dp))
-        self.model.eval()
         chunks = [mine[i:i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
-        if self.plan.ep > 1:  # every forward exchanges tokens: all ranks run as many as the busiest one
-            busiest = -(-n // self.dp)
-            chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
-        names = heldout_names(self.cfg.model.mtp_depth if self.plan.pipeline is None else None)
+        # A forward may exchange tokens with other ranks (expert parallelism): all run as many as the busiest.
+        busiest = -(-n // self.dp)
+        chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
+        names = self.plan.eval_names
         total = torch.zeros(len(names), device=self.env.device)
         main_model = [not name.startswith("mtp.") for name, m in self.model.named_modules() if isinstance(m, MoE)]
         counter = RoutedTokenCounter(self.moe_layers, self.cfg.model.n_routed_experts, self.env.device, main_model)
@@ -211,13 +180,8 @@ class Trainer:
                 counter.counting = bool(chunk)
                 data = self.val_data.batch(chunk or [0])  # [0]: a filler, not counted
                 batch = data.tokens.to(self.env.device)
-                if self.plan.pipeline is not None:  # the loss is known on the last stage's rank only
-                    loss = self.plan.pipeline.runner.forward_loss(batch[:, :-1], batch[:, 1:], self.autocast)
-                    n = float(batch[:, 1:].numel())
-                    sums = None if loss is None else {"loss": loss.float() * n, "count": loss.new_tensor(n)}
-                else:
-                    docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
-                    sums = heldout_sums(self.model, batch[:, :-1], batch[:, 1:], docs, self.autocast)
+                docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
+                sums = self.plan.eval_sums(batch[:, :-1], batch[:, 1:], docs, self.autocast)  # None off the last stage
                 if chunk and sums is not None:
                     total += torch.stack([sums[name].float() for name in names])
         all_reduce_sum(total)

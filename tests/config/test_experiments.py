@@ -5,6 +5,7 @@ import os
 import pytest
 from hydra import compose, initialize_config_dir
 
+from dsv3.config import ConfigError
 from dsv3.config.store import register, to_config
 from dsv3.config.validate import validate
 
@@ -37,3 +38,22 @@ def test_cluster_16b_splits_experts_within_a_node():
     cfg = compose_experiment("cluster_16b")
     assert (cfg.parallel.ep, cfg.precision.dtype, cfg.model.n_routed_experts) == (8, "fp8", 64)
     assert cfg.train.global_batch_size * cfg.data.seq_len == 1024 * 4096
+
+
+def test_v3_production_layout_validates_for_2048_ranks():
+    """PP16 x EP64 with DualPipe on 2048 GPUs (V3 report §3.2): 128 dp ranks per stage, in EP groups of 64;
+    120 micro-batches of one sequence per dp rank (15360 sequences, no ramp)."""
+    cfg = compose_experiment("moe_tiny", "model=deepseek_v3_671b", "parallel=v3_pp16_ep64", "data.seq_len=4096",
+                             "train.global_batch_size=15360", "train.micro_batch_size=1")
+    validate(cfg, world_size=2048)
+    assert (cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.pp_schedule) == (16, 64, "dualpipe")
+    cfg.parallel.ep = 128
+    with pytest.raises(ConfigError, match="parallel.ep=128"):   # 1024 ranks leave 64 dp ranks per stage
+        validate(cfg, world_size=1024)
+
+
+@pytest.mark.parametrize("preset", ["pp2_ep2_dualpipe", "pp2_ep2_1f1b"])
+def test_composed_presets_validate_on_4_ranks(preset):
+    cfg = compose_experiment("moe_tiny", f"parallel={preset}", "train.micro_batch_size=1")
+    validate(cfg, world_size=4)
+    assert (cfg.parallel.pp, cfg.parallel.ep) == (2, 2)

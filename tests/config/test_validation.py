@@ -21,6 +21,7 @@ BAD = {
     "ep_not_dividing_experts": (["parallel.ep=3"], "parallel.ep"),
     "ep_beyond_one_process": (["parallel.ep=2"], "parallel.ep"),
     "expert_align_zero": (["parallel.expert_align=0"], "parallel.expert_align"),
+    "overlap_without_experts": (["parallel.overlap=true"], "parallel.overlap"),
     "unknown_ep_transport": (["parallel.ep_transport=nvlink"], "parallel.ep_transport"),
 }
 
@@ -108,7 +109,18 @@ PIPELINE = {"model.n_layers": 4, "train.global_batch_size": 8, "train.micro_batc
     (4, {"parallel.pp": 2, "parallel.microbatches": 8}, "parallel.microbatches",
      "must equal train.global_batch_size / (train.micro_batch_size * dp) = 8 / (1 * 2) = 4"),
     (4, {"parallel.pp": 3}, "parallel.pp", "must divide the world size (4)"),
-    (4, {"parallel.pp": 2, "parallel.ep": 2}, "parallel.ep", "expert parallelism inside pipeline stages"),
+    # expert parallelism inside the stages: EP groups are made of each stage's dp ranks
+    (4, {"parallel.pp": 2, "parallel.ep": 4}, "parallel.ep",
+     "must divide the data-parallel size (2 = world size / parallel.pp)"),
+    (12, {"parallel.pp": 2, "parallel.ep": 3, "train.global_batch_size": 24}, "parallel.ep",
+     "must divide model.n_routed_experts (8)"),
+    (12, {"parallel.pp": 2, "parallel.ep": 3, "model.n_routed_experts": 6, "model.n_activated_experts": 1,
+          "model.n_expert_groups": 2,
+          "train.global_batch_size": 24}, "model.n_expert_groups", "must be a multiple or a divisor of parallel.ep (3)"),
+    (4, {"parallel.pp": 2, "parallel.ep": 2, "parallel.overlap": True}, "parallel.overlap",
+     "true needs F&B pairs"),
+    (2, {"parallel.pp": 2, "parallel.pp_schedule": "dualpipe", "parallel.overlap": True}, "parallel.overlap",
+     "needs expert parallelism"),
     (2, {"parallel.pp": 2, "train.batch_ramp_start": 4, "train.batch_ramp_samples": 64}, "train.batch_ramp_start",
      "must be 0 with parallel.pp > 1"),
     (1, {"parallel.microbatches": 0}, "parallel.microbatches", "must be >= 1, or -1"),
@@ -126,6 +138,9 @@ def test_pipeline_rules_name_the_key(world, overrides, key, allowed):
     (4, {"parallel.pp": 4, "parallel.pp_schedule": "dualpipe", "parallel.microbatches": 8}),
     (3, {"parallel.pp": 3, "parallel.pp_schedule": "zb1p", "model.n_layers": 3}),
     (1, {"parallel.microbatches": 8}),  # pp=1: the accumulation steps, checked too
+    *[(4, {"parallel.pp": 2, "parallel.ep": 2, "parallel.pp_schedule": s}) for s in ("1f1b", "zb1p", "dualpipe",
+                                                                                       "dualpipev")],
+    (4, {"parallel.pp": 2, "parallel.ep": 2, "parallel.pp_schedule": "dualpipev", "parallel.overlap": False}),
 ])
 def test_pipeline_layouts_that_fit_pass(world, overrides):
     from dsv3.config import validate
@@ -142,7 +157,7 @@ def test_valid_config_passes_validation():
 
 @pytest.mark.parametrize("world,overrides,key,allowed", [
     (4, {"parallel.ep": 3}, "parallel.ep", "must divide model.n_routed_experts (8)"),
-    (6, {"parallel.ep": 4}, "parallel.ep", "must divide the data-parallel size (6)"),
+    (6, {"parallel.ep": 4}, "parallel.ep", "must divide the data-parallel size (6 "),
     (6, {"parallel.ep": 3, "model.n_expert_groups": 2, "model.n_routed_experts": 6, "model.n_activated_experts": 1},
      "model.n_expert_groups", "must be a multiple or a divisor of parallel.ep (3)"),
 ])

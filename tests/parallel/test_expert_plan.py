@@ -1,6 +1,6 @@
-"""The expert-parallel plan gives the gradients of the global batch: after `reduce_gradients` and
-`clip_grad_norm`, every rank's gradients (its expert slices, and all non-expert parameters) equal those
-of one process training the whole model on the whole batch, and the norm is the global norm.
+"""The expert-parallel plan gives the gradients of the global batch: after `reduce_and_clip`, every
+rank's gradients (its expert slices, and all non-expert parameters) equal those of one process training
+the whole model on the whole batch, and the norm it returns is the global norm.
 
 Each rank trains on its own share of the global batch (an ep=N run is also N-way data parallel); the
 reference model sees every share, each weighted 1/dp, as the trainer's loss is the mean over ranks.
@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from dsv3.config.schema import Config, ModelConfig
 from dsv3.parallel.mesh import Env
-from dsv3.parallel.plan import apply_parallel_plan
+from dsv3.parallel.plan import build_plan
 from dsv3.train.trainer import build_model
 from tests.parallel.distributed_testing import run_workers
 
@@ -53,18 +53,17 @@ def plan_worker(rank: int, world: int, ep_sizes: list[int]) -> None:
     for ep in ep_sizes:
         cfg.parallel = dataclasses.replace(cfg.parallel, ep=ep)
         model = build_model(cfg, torch.device("cpu"))
-        plan = apply_parallel_plan(model, cfg, Env(rank, world, rank, torch.device("cpu")))
-        assert plan.expert_params, "the plan sliced no experts"
+        plan = build_plan(model, cfg, Env(rank, world, rank, torch.device("cpu")))
+        assert plan.experts.names, "the plan sliced no experts"
         model.train()
         share_loss(model, shares[rank]).backward()
-        plan.reduce_gradients(model)
-        norm = plan.clip_grad_norm(model, max_norm)
+        norm = plan.reduce_and_clip(max_norm)
         torch.testing.assert_close(norm, ref_norm, **TOL, msg=lambda m: f"ep={ep} rank {rank}: grad norm: {m}")
 
         ep_rank = rank % ep
         for name, p in model.named_parameters():
             want_param, want_grad = ref_params[name].detach(), ref_params[name].grad
-            if name in plan.expert_params:
+            if name in plan.experts.names:
                 n_local = p.shape[0]
                 assert n_local * ep == want_param.shape[0]
                 want_param = want_param[ep_rank * n_local:(ep_rank + 1) * n_local]

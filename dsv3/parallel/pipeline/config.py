@@ -7,6 +7,7 @@ from typing import Any
 from dsv3.config.errors import ConfigError
 
 SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+PAIR_SCHEDULES = ("dualpipe", "dualpipev")   # the schedules with overlapped F&B pairs
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -81,9 +81,9 @@ OverlapHook = Callable[[ForwardTask, BackwardTask], None]
 
 
 def sequential_overlap(fwd: ForwardTask, bwd: BackwardTask) -> None:
-    """The default F&B hook: forward, then backward. A GPU hook would interleave the two, e.g.
-    run one's expert-parallel all-to-all while the other computes (DualPipe's
-    `overlapped_forward_backward`); any order gives the same numbers."""
+    """The default F&B hook: forward, then backward. `dsv3.parallel.overlap.Communicator.run_pair`
+    interleaves the two instead, so that one's expert-parallel all-to-alls hide behind the
+    other's computation (DualPipe's `overlapped_forward_backward`); any order gives the same numbers."""
     fwd.run()
     bwd.run()
 
