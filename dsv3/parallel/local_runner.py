@@ -62,11 +62,11 @@ class LocalRunner:
         loss.backward()
         return sums + logged
 
-    @torch.no_grad()
     @property
     def eval_names(self) -> list[str]:
         return heldout_names(len(self.model.mtp))
 
+    @torch.no_grad()
     def eval_sums(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
                   autocast: AbstractContextManager) -> Optional[dict[str, torch.Tensor]]:
         """Held-out figures of one batch, summed over its predictions: the main loss, accuracy and the MTP

@@ -89,11 +89,11 @@ class PipelineRunner:
         t.clear()
         return sums
 
-    @torch.no_grad()
     @property
     def eval_names(self) -> list[str]:
         return heldout_names(None)  # the main loss only: the stages run the main model
 
+    @torch.no_grad()
     def eval_sums(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
                   autocast: AbstractContextManager) -> Optional[dict[str, torch.Tensor]]:
         """The held-out loss of one batch summed over its predictions (`eval_names`), on the rank running
