@@ -102,6 +102,7 @@ class PipelineRunner:
         n = float(labels.numel())
         return None if loss is None else {"loss": loss.float() * n, "count": loss.new_tensor(n)}
 
+    @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
                   autocast: AbstractContextManager) -> Optional[torch.Tensor]:
         """Main next-token CE of one batch through all stages (micro-batch 0's route), no backward:
