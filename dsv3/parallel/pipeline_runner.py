@@ -20,6 +20,7 @@ import torch.distributed as dist
 from dsv3.parallel.model_stages import HeadLoss, StepContext
 from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
 from dsv3.parallel.pipeline.schedule import Schedule
+from dsv3.model.transformer import IGNORE
 from dsv3.train.heldout import heldout_names
 
 # (tokens [b, S], labels [b, S], document numbers: always None here, validation refuses document
@@ -99,8 +100,9 @@ class PipelineRunner:
         """The held-out loss of one batch summed over its predictions (`eval_names`), on the rank running
         the last stage; None on the others."""
         loss = self.eval_loss(tokens, labels, documents, autocast)
-        n = float(labels.numel())
-        return None if loss is None else {"loss": loss.float() * n, "count": loss.new_tensor(n)}
+        n = float((labels != IGNORE).sum())  # the labels that count (fine-tuning masks the prompt's)
+        return None if loss is None else {"loss": loss.float() * n if n else loss.new_zeros(()),
+                                          "count": loss.new_tensor(n)}
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],

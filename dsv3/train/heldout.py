@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from dsv3.model import Transformer
+from dsv3.model.transformer import IGNORE
 
 
 @torch.no_grad()
@@ -30,16 +31,21 @@ def heldout_sums(model: Transformer, tokens: torch.Tensor, labels: torch.Tensor,
         raise RuntimeError(f"expected the head to run {1 + len(parts.mtp)} times (main + MTP depths), "
                            f"saw {len(guesses)}: heldout_sums relies on Transformer.losses' order")
     main = guesses[0]
-    n = float(labels.numel())
-    out = {"loss": parts.main.float() * n, "acc": (main == labels).sum().float(), "count": torch.tensor(n)}
+    counted = labels != IGNORE  # labels that count (fine-tuning masks the prompt's)
+
+    def total(mean: torch.Tensor, n: torch.Tensor) -> torch.Tensor:  # a mean over n labels -> their sum
+        return torch.where(n > 0, mean.float() * n, torch.zeros_like(n))
+
+    n = counted.sum().float()
+    out = {"loss": total(parts.main, n), "acc": ((main == labels) & counted).sum().float(), "count": n}
     for k, (loss, guess) in enumerate(zip(parts.mtp, guesses[1:]), start=1):
-        target = labels[:, k:]  # depth k at position i predicts token i + k + 1
-        m = float(target.numel())
-        out[f"mtp{k}_loss"] = loss.float() * m
-        out[f"mtp{k}_acc"] = (guess == target).sum().float()
+        target, valid = labels[:, k:], counted[:, k:]  # depth k at position i predicts token i + k + 1
+        m = valid.sum().float()
+        out[f"mtp{k}_loss"] = total(loss, m)
+        out[f"mtp{k}_acc"] = ((guess == target) & valid).sum().float()
         # the main model's own guess for that token is made at position i + k
-        out[f"mtp{k}_accept"] = (guess == main[:, k:]).sum().float()
-        out[f"mtp{k}_count"] = torch.tensor(m)
+        out[f"mtp{k}_accept"] = ((guess == main[:, k:]) & valid).sum().float()
+        out[f"mtp{k}_count"] = m
     return {key: v.to(tokens.device) for key, v in out.items()}
 
 

@@ -68,7 +68,7 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         # global sample index -> sample, over one corpus or a weighted blend (stateless: resumable exactly)
-        self.train_data, self.val_data = build_data(cfg.data, cfg.model.vocab_size, t.seed)
+        self.train_data, self.val_data = self.make_data()
 
         self.model = build_model(cfg, env.device)
         resume = self._resume_path()
@@ -111,6 +111,22 @@ class Trainer:
                      f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
                      "; attention masked at document boundaries" if cfg.data.document_masks else "")
 
+    # -- data (what a fine-tuning trainer replaces) -----------------------------------------------------
+    def make_data(self):
+        """(train, val): `len()`, `batch(global sample indices)`, `describe()`, `report()`."""
+        return build_data(self.cfg.data, self.cfg.model.vocab_size, self.cfg.train.seed)
+
+    def _val_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        data = self.val_data.batch(indices)
+        batch = data.tokens.to(self.env.device)
+        docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
+        return batch[:, :-1], batch[:, 1:], docs
+
+    def loss_normalizer(self, batch_size: int, n_micro: int) -> float | None:
+        """Divisor of each micro-batch's summed CE (None: its mean). Pretraining counts every label, and
+        every micro-batch has as many, so the mean per micro-batch is already the global batch's mean."""
+        return None
+
     # -- state -------------------------------------------------------------------------------------------
     def _resume_path(self) -> str | None:
         resume = self.cfg.train.resume
@@ -138,6 +154,7 @@ class Trainer:
         lam = schedules.mtp_weight(st.step, t)
         for moe in self.moe_layers:  # alpha, scaled like the micro-batch's share of the loss
             moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
+        self.model.loss_normalizer = self.loss_normalizer(batch_size, n_micro)
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
         def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -171,6 +188,7 @@ class Trainer:
         # A forward may exchange tokens with other ranks (expert parallelism): all run as many as the busiest.
         busiest = -(-n // self.dp)
         chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
+        self.model.loss_normalizer = None  # per-chunk means, weighted by the labels that count
         names = self.plan.eval_names
         total = torch.zeros(len(names), device=self.env.device)
         main_model = [not name.startswith("mtp.") for name, m in self.model.named_modules() if isinstance(m, MoE)]
@@ -178,10 +196,8 @@ class Trainer:
         with counter:
             for chunk in chunks:
                 counter.counting = bool(chunk)
-                data = self.val_data.batch(chunk or [0])  # [0]: a filler, not counted
-                batch = data.tokens.to(self.env.device)
-                docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
-                sums = self.plan.eval_sums(batch[:, :-1], batch[:, 1:], docs, self.autocast)  # None off the last stage
+                tokens, labels, docs = self._val_batch(chunk or [0])  # [0]: a filler, not counted
+                sums = self.plan.eval_sums(tokens, labels, docs, self.autocast)  # None off the last stage
                 if chunk and sums is not None:
                     total += torch.stack([sums[name].float() for name in names])
         all_reduce_sum(total)
