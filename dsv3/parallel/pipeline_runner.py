@@ -17,10 +17,10 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from dsv3.model.transformer import IGNORE
 from dsv3.parallel.model_stages import HeadLoss, StepContext
 from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
 from dsv3.parallel.pipeline.schedule import Schedule
-from dsv3.model.transformer import IGNORE
 from dsv3.train.heldout import heldout_names
 
 # (tokens [b, S], labels [b, S], document numbers: always None here, validation refuses document

@@ -110,3 +110,21 @@ def test_peak_memory_on_the_host_grows_with_a_large_allocation():
     after, _ = peak_memory_gib(torch.device("cpu"))
     del big
     assert after >= before + 0.2
+
+
+def test_heldout_figures_count_only_the_labels_that_count():
+    """Fine-tuning masks the prompt's labels (IGNORE): accuracy and losses are over the others only."""
+    from dsv3.model.transformer import IGNORE
+
+    m = _model(mtp_depth=1)
+    tokens = torch.randint(0, 512, (2, 13), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:].clone()
+    y[:, :5] = IGNORE
+    fig = heldout_figures(heldout_sums(m, x, y, None, contextlib.nullcontext()))
+    with torch.no_grad():
+        logits = m(x)
+    keep = y != IGNORE
+    assert fig["val_acc"] == pytest.approx((logits.argmax(-1) == y)[keep].float().mean().item())
+    assert fig["val_loss"] == pytest.approx(F.cross_entropy(logits[keep], y[keep]).item(), rel=1e-5)
+    sums = heldout_sums(m, x, y, None, contextlib.nullcontext())
+    assert sums["count"] == keep.sum() and sums["mtp1_count"] == keep[:, 1:].sum()
