@@ -90,9 +90,31 @@ def test_plot_writes_every_picture_for_runs_overlaid(observed_run, tmp_path):
     names = set(os.listdir(out))
     assert {"loss.png", "lr.png", "grad_norm.png", "max_vio.png"} <= names
     assert any(n.startswith("expert_load_") for n in names)
+    assert any(n.startswith("profile_") for n in names)  # the run has a train.profile_steps trace
     missing = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "plot.py"), str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
+
+
+def test_profile_phases_class_a_steps_operators_and_sum_self_times():
+    from dsv3.train.plots import profile_phases
+
+    def x(name, ts, dur, cat="cpu_op"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": 1}
+
+    # one step of two micro-batches (forward, backward, forward, backward), clipping, the optimizer
+    events = [x("PyTorch Profiler (0)", 0, 1000, "Trace"), x("ProfilerStep#5", 0, 100, "user_annotation"),
+              x("aten::linear", 0, 10), x("aten::mm", 1, 6),
+              x("autograd::engine::evaluate_function: MmBackward0", 10, 20), x("aten::mm", 11, 8),
+              x("aten::linear", 30, 10), x("aten::mm", 31, 6),
+              x("autograd::engine::evaluate_function: MmBackward0", 40, 20), x("aten::mm", 41, 8),
+              x("aten::norm", 60, 5), x("Optimizer.step#AdamW.step", 70, 30, "user_annotation"), x("aten::add_", 71, 9)]
+    steps, spans, self_time = profile_phases({"traceEvents": events})
+    assert [e["name"] for e in steps] == ["ProfilerStep#5"]
+    assert spans == [("forward", 0, 10), ("backward", 10, 30), ("forward", 30, 40), ("backward", 40, 60),
+                     ("other", 60, 65), ("optimizer", 70, 100)]
+    assert self_time == {"aten::linear": 8, "aten::mm": 28, "autograd::engine::evaluate_function: MmBackward0": 24,
+                         "aten::norm": 5, "Optimizer.step#AdamW.step": 21, "aten::add_": 9}
 
 
 @pytest.mark.parametrize("override, message", [
