@@ -9,8 +9,9 @@ the same data order and initialization for a given seed. A contender differs fro
 setting) by the overrides listed in CONTENDERS, nothing else:
 
 - load balancing: `v3` (bias, gamma = 1e-3, plus the sequence-wise loss at alpha = 1e-4), `loss_free`
-  (bias only: Wang et al., 2024), `aux_loss` (no bias, the balance loss only, alpha picked below),
-  `no_balance` (neither);
+  (bias only: Wang et al., 2024), `loss_free_fast` (bias only, gamma = 1e-2: the bias moves by gamma
+  per step, and at 1e-3 it is still converging after 250 steps), `aux_loss` (no bias, the balance loss
+  only, alpha picked below), `no_balance` (neither);
 - MTP: `no_mtp` (model.mtp_depth=0);
 - precision: `bf16` (autocast, fp32 master weights and moments), `fp8` (the FP8 preset: E4M3 GEMMs,
   emulated on CPU, BF16 moments), against `v3` (fp32);
@@ -45,6 +46,7 @@ NO_BIAS = "train.bias_update_speed=0"
 CONTENDERS = {
     "v3": [],
     "loss_free": ["train.balance_loss_alpha=0"],
+    "loss_free_fast": ["train.balance_loss_alpha=0", "train.bias_update_speed=0.01"],
     "aux_loss": [NO_BIAS],  # + train.balance_loss_alpha=<picked>
     "no_balance": [NO_BIAS, "train.balance_loss_alpha=0"],
     "no_mtp": ["model.mtp_depth=0"],
@@ -52,7 +54,7 @@ CONTENDERS = {
     "fp8": ["precision=fp8"],
     "layer_lr": [f"optim.layer_lr_decay={LAYER_LR_DECAY}"],
 }
-BALANCE = ("v3", "loss_free", "aux_loss", "no_balance")
+BALANCE = ("v3", "loss_free", "loss_free_fast", "aux_loss", "no_balance")
 PRECISION = ("bf16", "fp8")
 
 
@@ -248,7 +250,7 @@ def report(runs: dict, seeds: dict[str, list[int]], steps: int, alpha: float, se
 
 
 # -- pictures -------------------------------------------------------------------------------------------
-COLORS = {"v3": "tab:blue", "loss_free": "tab:green", "aux_loss": "tab:orange", "no_balance": "tab:red",
+COLORS = {"v3": "tab:blue", "loss_free": "tab:green", "loss_free_fast": "tab:olive", "aux_loss": "tab:orange", "no_balance": "tab:red",
           "no_mtp": "tab:purple", "bf16": "tab:orange", "fp8": "tab:green", "layer_lr": "tab:brown"}
 
 
@@ -267,6 +269,7 @@ def plots(runs: dict, rep: dict, seeds: dict[str, list[int]], first: int, out_di
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     label = {"v3": "V3 (bias + α=1e-4 seq. loss)", "loss_free": "bias only (loss-free)",
+             "loss_free_fast": "bias only, γ=1e-2",
              "aux_loss": f"aux loss only (α={rep['alpha']:g})", "no_balance": "neither"}
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -298,7 +301,7 @@ def plots(runs: dict, rep: dict, seeds: dict[str, list[int]], first: int, out_di
     for a, x, y in pts:
         ax.annotate(f"α={a:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     s0 = str(first)
-    for name in ("v3", "loss_free", "no_balance"):
+    for name in ("v3", "loss_free", "loss_free_fast", "no_balance"):
         r = rep["per_run"][name][s0]
         ax.plot(r["max_vio_global"], r["val_loss"], "o", color=COLORS[name], ms=8, label=label[name])
     ax.set_xlabel("MaxVio_global at the end (lower = more balanced)")
