@@ -14,7 +14,9 @@ setting) by the overrides listed in CONTENDERS, nothing else:
   only, alpha picked below), `no_balance` (neither);
 - MTP: `no_mtp` (model.mtp_depth=0);
 - precision: `bf16` (autocast, fp32 master weights and moments), `fp8` (the FP8 preset: E4M3 GEMMs,
-  emulated on CPU, BF16 moments), against `v3` (fp32);
+  emulated on CPU, BF16 moments), against `v3` (fp32); and `fp32_mb8`, fp32 in two micro-batches of 8
+  instead of one of 16: the same data and arithmetic summed in another order, i.e. how far two runs drift
+  apart from rounding differences alone (the floor under any precision comparison of whole runs);
 - layer-wise learning rates: `layer_lr` (optim.layer_lr_decay=0.8).
 
 alpha of `aux_loss`, as Wang et al. pick theirs: a sweep over ALPHAS on the first seed (their Fig. 2
@@ -53,9 +55,10 @@ CONTENDERS = {
     "bf16": ["precision=bf16"],
     "fp8": ["precision=fp8"],
     "layer_lr": [f"optim.layer_lr_decay={LAYER_LR_DECAY}"],
+    "fp32_mb8": ["train.micro_batch_size=8"],
 }
 BALANCE = ("v3", "loss_free", "loss_free_fast", "aux_loss", "no_balance")
-PRECISION = ("bf16", "fp8")
+PRECISION = ("bf16", "fp8", "fp32_mb8")
 
 
 def base_overrides(steps: int, seed: int) -> list[str]:
@@ -214,7 +217,7 @@ def pick_alpha(runs: dict, seed: int) -> tuple[float, dict]:
                                               "sweep": {f"{a:g}": v for a, v in sweep.items()}}
 
 
-CLAIMS = {"balance": BALANCE, "mtp": ("v3", "no_mtp"), "precision": ("v3", "bf16", "fp8"),
+CLAIMS = {"balance": BALANCE, "mtp": ("v3", "no_mtp"), "precision": ("v3", *PRECISION),
           "layer_lr": ("v3", "layer_lr")}
 
 
@@ -232,7 +235,7 @@ def report(runs: dict, seeds: dict[str, list[int]], steps: int, alpha: float, se
 
     ps = seeds["precision"]
     precision = {pair: {s: relative_error(runs[pair[0]][s], runs[pair[1]][s], 20) for s in ps}
-                 for pair in (("bf16", "fp8"), ("v3", "bf16"), ("v3", "fp8"))}
+                 for pair in (("bf16", "fp8"), ("v3", "bf16"), ("v3", "fp8"), ("v3", "fp32_mb8"))}
     # the noise floor: the same contender, different seeds (different data order and initialization)
     noise = [relative_error(runs["bf16"][a], runs["bf16"][b], 20) for i, a in enumerate(ps) for b in ps[i + 1:]]
     precision_agg = {f"{a}->{b}": {k: mean_sd([v[s][k] for s in ps]) for k in v[ps[0]]}
@@ -251,7 +254,8 @@ def report(runs: dict, seeds: dict[str, list[int]], steps: int, alpha: float, se
 
 # -- pictures -------------------------------------------------------------------------------------------
 COLORS = {"v3": "tab:blue", "loss_free": "tab:green", "loss_free_fast": "tab:olive", "aux_loss": "tab:orange", "no_balance": "tab:red",
-          "no_mtp": "tab:purple", "bf16": "tab:orange", "fp8": "tab:green", "layer_lr": "tab:brown"}
+          "no_mtp": "tab:purple", "bf16": "tab:orange", "fp8": "tab:green", "layer_lr": "tab:brown",
+          "fp32_mb8": "black"}
 
 
 def mean_curve(runs: dict, name: str, seeds: list[int], key: str) -> tuple[list[int], list[float]]:
@@ -337,12 +341,14 @@ def plots(runs: dict, rep: dict, seeds: dict[str, list[int]], first: int, out_di
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    for (a, b), color in ((("bf16", "fp8"), "tab:green"), (("v3", "bf16"), "tab:orange"), (("v3", "fp8"), "gray")):
+    for (a, b), color in ((("bf16", "fp8"), "tab:green"), (("v3", "bf16"), "tab:orange"), (("v3", "fp8"), "gray"),
+                          (("v3", "fp32_mb8"), "black")):
         for i, s in enumerate(seeds["precision"]):
             la, lb = smooth([r["loss"] for r in runs[a][s]], 20), smooth([r["loss"] for r in runs[b][s]], 20)
-            ref = "fp32" if a == "v3" else a
+            lab = ("fp32 2x8 vs 1x16 (rounding only)" if b == "fp32_mb8" else
+                   f"{b} vs {'fp32' if a == 'v3' else a}")
             ax.plot(range(1, len(la) + 1), [100 * (y - x) / x for x, y in zip(la, lb)], color=color, lw=0.9,
-                    alpha=0.8, label=f"{b} vs {ref}" if i == 0 else None)
+                    alpha=0.8, ls=":" if b == "fp32_mb8" else "-", label=lab if i == 0 else None)
     for y in (0.25, -0.25):
         ax.axhline(y, color="red", ls=":", lw=0.8, label="±0.25%" if y > 0 else None)
     ax.axhline(0, color="black", lw=0.5)
