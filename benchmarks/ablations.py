@@ -253,8 +253,8 @@ def report(runs: dict, seeds: dict[str, list[int]], steps: int, alpha: float, se
 
 
 # -- pictures -------------------------------------------------------------------------------------------
-COLORS = {"v3": "tab:blue", "loss_free": "tab:green", "loss_free_fast": "tab:olive", "aux_loss": "tab:orange", "no_balance": "tab:red",
-          "no_mtp": "tab:purple", "bf16": "tab:orange", "fp8": "tab:green", "layer_lr": "tab:brown",
+COLORS = {"v3": "tab:blue", "loss_free": "tab:green", "loss_free_fast": "tab:olive", "aux_loss": "tab:orange",
+          "no_balance": "tab:red", "no_mtp": "tab:purple", "bf16": "tab:orange", "fp8": "tab:green", "layer_lr": "tab:brown",
           "fp32_mb8": "black"}
 
 
