@@ -254,8 +254,8 @@ def report(runs: dict, seeds: dict[str, list[int]], steps: int, alpha: float, se
 
 # -- pictures -------------------------------------------------------------------------------------------
 COLORS = {"v3": "tab:blue", "loss_free": "tab:green", "loss_free_fast": "tab:olive", "aux_loss": "tab:orange",
-          "no_balance": "tab:red", "no_mtp": "tab:purple", "bf16": "tab:orange", "fp8": "tab:green", "layer_lr": "tab:brown",
-          "fp32_mb8": "black"}
+          "no_balance": "tab:red", "no_mtp": "tab:purple", "bf16": "tab:orange", "fp8": "tab:green",
+          "layer_lr": "tab:brown", "fp32_mb8": "black"}
 
 
 def mean_curve(runs: dict, name: str, seeds: list[int], key: str) -> tuple[list[int], list[float]]:
@@ -470,7 +470,8 @@ def print_tables(rep: dict) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for n in agg:
         d = rep["paired_val_loss_vs_v3"].get(n)
-        print(f"| {n} | {','.join(map(str, agg[n]['seeds']))} | {fmt(agg[n]['val_loss'])} | {fmt(agg[n]['train_loss_last20'])} | "
+        print(f"| {n} | {','.join(map(str, agg[n]['seeds']))} | {fmt(agg[n]['val_loss'])} | "
+              f"{fmt(agg[n]['train_loss_last20'])} | "
               f"{fmt(agg[n]['max_vio_batch_last100'], digits=3)} | {fmt(agg[n]['max_vio_batch_run'], digits=3)} | "
               f"{fmt(agg[n]['max_vio_global'], digits=3)} | {fmt(d, 100, 2) + ' %' if d else ''} |")
     print("\nMTP (v3):", {k: fmt(agg["v3"][k]) for k in ("val_acc", "val_mtp1_acc", "val_mtp1_accept")})
