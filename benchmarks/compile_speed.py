@@ -91,8 +91,8 @@ def main() -> None:
         "max_rel_loss_difference": max(abs(a - b) / a for a, b in zip(losses["eager"], losses["compiled"])),
     }
     print(json.dumps(result, indent=1))
-    print(f"\n| {args.experiment}, {args.batch} x {args.seq_len} tokens, {device}, {args.threads} thread(s) | eager | "
-          f"compiled |\n|---|---:|---:|\n| median step (s) | {med['eager']:.3f} | {med['compiled']:.3f} "
+    print(f"\n| {args.experiment}, {args.batch} x {args.seq_len} tokens, {device}, {args.threads} thread(s) | "
+          f"eager | compiled |\n|---|---:|---:|\n| median step (s) | {med['eager']:.3f} | {med['compiled']:.3f} "
           f"({result['speedup']:.2f}x) |\n| compilation (first step - eager step) | | {result['compile_time_s']:.0f} s |")
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)

@@ -4,8 +4,11 @@
 
 Under torchrun every rank composes the same config; the run directory defaults to runs/<run_name>
 (never a timestamp), so all ranks agree on it. Override with hydra.run.dir=... on every rank alike.
+Exit codes: dsv3/exit_codes.py (2: bad config or checkpoint, 3: diverged, 128 + signal: stopped).
 """
+import logging
 import os
+import signal
 import sys
 
 import hydra
@@ -14,8 +17,10 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dsv3 import exit_codes  # noqa: E402
+from dsv3.config import ConfigError  # noqa: E402
 from dsv3.config.store import register, to_config  # noqa: E402
-from dsv3.launch_utils import setup_logging, validate_or_exit  # noqa: E402
+from dsv3.launch_utils import exit_on_config_error, setup_logging, validate_or_exit  # noqa: E402
 
 register()
 
@@ -28,11 +33,17 @@ def main(dcfg: DictConfig) -> None:
     setup_logging(run_dir)
 
     from dsv3.parallel.mesh import init_env
+    from dsv3.train.checkpoint import CheckpointError
     from dsv3.train.trainer import train
 
     env = init_env(cfg.train.device)
     try:
         train(cfg, run_dir, env)
+    except (ConfigError, CheckpointError) as e:  # what only the run's files can tell, before any step
+        exit_on_config_error(e)
+    except KeyboardInterrupt:  # a second Ctrl-C, or Ctrl-C with checkpoint.on_signal=false
+        logging.getLogger("dsv3").warning("interrupted: the step in progress is abandoned, nothing saved")
+        sys.exit(exit_codes.signalled(signal.SIGINT))
     finally:
         import torch.distributed as dist
 

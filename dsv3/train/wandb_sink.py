@@ -16,7 +16,7 @@ def wandb_available() -> bool:
 
 class WandbSink:
     def __init__(self, cfg: LoggingConfig, run_dir: str, run_name: str, config: dict):
-        import wandb  # validated to be importable (dsv3/train/observe_rules.py)
+        import wandb  # validated to be importable (dsv3/train/config_rules.py)
 
         os.makedirs(run_dir, exist_ok=True)
         # resume="allow" with a fixed id: a resumed training run continues the same W&B run

@@ -24,7 +24,7 @@ def compose_experiment(name: str, *overrides: str):
 def test_experiment_validates(name, tmp_path):
     cfg = compose_experiment(name)
     if cfg.data.source == "shards":  # the user's corpus: any directory prepare_data.py wrote
-        (tmp_path / "meta.json").write_text("{}")
+        (tmp_path / "meta.json").write_text(f'{{"vocab_size": {cfg.model.vocab_size}}}')
         cfg.data.path = str(tmp_path)
     validate(cfg, world_size=WORLD_SIZE.get(name, 1))
     assert cfg.run_name == name

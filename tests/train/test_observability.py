@@ -131,12 +131,13 @@ def test_wandb_without_the_package_is_a_config_error(monkeypatch):
     import dsv3.train.wandb_sink as sink
     from dsv3.config.errors import ConfigError
     from dsv3.config.schema import Config
-    from dsv3.train.observe_rules import validate_observability
+    from dsv3.config.rules import World
+    from dsv3.train.config_rules import observability_rules
 
     monkeypatch.setattr(sink, "wandb_available", lambda: False)  # as on a machine without it
     cfg = Config()
     cfg.logging.wandb = True
     with pytest.raises(ConfigError, match=r"logging.wandb=True: needs the wandb package.*pip install wandb"):
-        validate_observability(cfg)
+        observability_rules(cfg, World())
     cfg.logging.wandb = False
-    validate_observability(cfg)  # off: no wandb needed
+    observability_rules(cfg, World())  # off: no wandb needed
