@@ -192,18 +192,36 @@ def run_summary(records: list[dict], steps: int) -> dict:
     return s
 
 
+SPIKE = 5.0  # a gradient norm this many times the run's median so far is a spike
+
+
+def first_spike(records: list[dict]) -> int:
+    """The index of the first step whose gradient norm is SPIKE x the median of the steps before it (at
+    least 5 of them); len(records) if none."""
+    norms = [r["grad_norm"] for r in records]
+    for i in range(5, len(norms)):
+        if norms[i] > SPIKE * statistics.median(norms[:i]):
+            return i
+    return len(norms)
+
+
 def relative_error(ref: list[dict], other: list[dict], window: int) -> dict:
     """|L_other - L_ref| / L_ref of the per-step training loss (same seed: same data, same init), raw and
-    of the `window`-step moving averages; over the whole run and its last quarter."""
+    of the `window`-step moving averages; over the whole run, its last quarter, and the steps before the
+    first loss spike of either run (a spike's size and timing decide where a run goes next, so after one
+    the two runs' losses differ by which spike each had, not by their arithmetic)."""
     a, b = [r["loss"] for r in ref], [r["loss"] for r in other]
     raw = [abs(y - x) / x for x, y in zip(a, b)]
     sa, sb = smooth(a, window), smooth(b, window)
     sm = [abs(y - x) / x for x, y in zip(sa, sb)]
     q = len(raw) * 3 // 4
+    spike = min(first_spike(ref), first_spike(other))
     return {"per_step_mean": statistics.fmean(raw), "per_step_mean_last_quarter": statistics.fmean(raw[q:]),
             "smoothed_mean": statistics.fmean(sm), "smoothed_max_last_quarter": max(sm[q:]),
             "smoothed_signed_last": (sb[-1] - sa[-1]) / sa[-1],
-            "val_signed": (final(other, "val_loss") - final(ref, "val_loss")) / final(ref, "val_loss")}
+            "val_signed": (final(other, "val_loss") - final(ref, "val_loss")) / final(ref, "val_loss"),
+            "steps_before_first_spike": spike, "per_step_mean_before_first_spike": statistics.fmean(raw[:spike]),
+            "per_step_max_before_first_spike": max(raw[:spike])}
 
 
 def pick_alpha(runs: dict, seed: int) -> tuple[float, dict]:
@@ -477,7 +495,8 @@ def print_tables(rep: dict) -> None:
     print("\nMTP (v3):", {k: fmt(agg["v3"][k]) for k in ("val_acc", "val_mtp1_acc", "val_mtp1_accept")})
     print("\nprecision (relative training-loss error, %):")
     for pair, v in rep["precision"].items():
-        print(f"  {pair}: " + ", ".join(f"{k} {fmt(x, 100, 3)}" for k, x in v.items()))
+        print(f"  {pair}: " + ", ".join(f"{k} {fmt(x, 1, 1)}" if k.startswith("steps") else f"{k} {fmt(x, 100, 3)} %"
+                                        for k, x in v.items()))
 
 
 if __name__ == "__main__":
