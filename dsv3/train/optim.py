@@ -22,8 +22,13 @@ def layer_depth(name: str, n_layers: int) -> int:
                      "give it a depth in dsv3/train/optim.py:layer_depth")
 
 
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Decay the weight matrices; not norms, biases, or the embedding (whose rows a step barely touches)."""
+    return p.ndim >= 2 and not name.endswith("embed.weight")
+
+
 def parameter_groups(model: nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
-    """Decay the weight matrices; not norms, biases, or the embedding (whose rows a step barely touches).
+    """V3's two groups: the parameters that `decays`, with `weight_decay`, and the others without.
 
     With `layer_lr_decay` d != 1 every depth (`layer_depth`) gets its own pair of groups whose
     `lr_scale` is d ** (top - depth): the head and MTP at the full rate, each layer below at d times the
@@ -34,8 +39,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, layer_lr_decay: floa
         if not p.requires_grad:
             continue
         scale = layer_lr_decay ** (top - layer_depth(name, model.cfg.n_layers)) if top else 1.0
-        decayed = not (p.ndim < 2 or name.endswith("embed.weight"))
-        groups.setdefault((scale, decayed), []).append(p)
+        groups.setdefault((scale, decays(name, p)), []).append(p)
     if not top:  # the same two groups (and order) as always, empty or not
         return [{"params": groups.get((1.0, True), []), "weight_decay": weight_decay},
                 {"params": groups.get((1.0, False), []), "weight_decay": 0.0}]

@@ -70,3 +70,15 @@ def test_config_refuses_a_decay_outside_zero_one(tmp_path):
     r = run_pretrain(str(tmp_path / "run"), "+experiment=moe_tiny", "optim.layer_lr_decay=1.5")
     assert r.returncode == 2
     assert "optim.layer_lr_decay=1.5" in r.stderr
+
+
+def test_layer_lrs_with_zero_are_refused_naming_both_keys():
+    from dsv3.config.errors import ConfigError
+    from dsv3.config.rules import World
+    from dsv3.config.schema import Config
+    from dsv3.parallel.config_rules import zero_rules
+
+    cfg = Config()
+    cfg.parallel.zero, cfg.optim.layer_lr_decay = 1, 0.8
+    with pytest.raises(ConfigError, match=r"parallel.zero=1: is not supported with optim.layer_lr_decay=0.8"):
+        zero_rules(cfg, World(2, 2))
