@@ -74,6 +74,9 @@ setup(
         "tokenizers>=0.19",
         "safetensors>=0.4",
         "tensorboard>=2.14",
+        # rewards of mathematical answers (dsv3/rl/rewards.py); the extra pins the ANTLR runtime that
+        # hydra-core's grammar also needs (4.9.3)
+        "math-verify[antlr4_9_3]>=0.7,<1",
     ],
     extras_require={
         # reading .parquet and saved `datasets` directories (pyarrow), .zst files (zstandard) in prepare_data

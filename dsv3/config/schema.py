@@ -7,6 +7,8 @@ Model field names follow DeepSeek's inference `ModelArgs` wherever a name exists
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from dsv3.config.post_training import RewardTerm, SFTConfig, TaskConfig
+
 
 @dataclass
 class ModelConfig:
@@ -340,3 +342,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    # post-training (R1): dsv3/config/post_training.py
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm("accuracy", 1.0), RewardTerm("format", 0.1)])
+    sft: SFTConfig = field(default_factory=SFTConfig)

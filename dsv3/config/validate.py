@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from dsv3.config.errors import ConfigError
+from dsv3.config.post_training import validate_post_training
 from dsv3.config.schema import Config
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -283,6 +284,8 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
         _require(os.path.isdir(t.resume), "train.resume", t.resume, "must be auto, none or an existing checkpoint")
     _require(t.bias_update_speed >= 0, "train.bias_update_speed", t.bias_update_speed, "must be >= 0")
     _require(t.balance_loss_alpha >= 0, "train.balance_loss_alpha", t.balance_loss_alpha, "must be >= 0")
+
+    validate_post_training(cfg)
 
     c = cfg.checkpoint
     _require(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")

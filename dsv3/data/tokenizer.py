@@ -32,10 +32,24 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def add_special_tokens(tok: Tokenizer, names: Iterable[str]) -> list[str]:
-    """Add the special tokens `tok` lacks (new ids after its vocabulary); returns the names added."""
+    """Add named special tokens to a (trained) tokenizer, in place; returns the names it lacked and added.
+
+    New tokens get the ids after the current vocabulary, in the order given; a name already present
+    keeps its id, so calling it again is harmless. No existing id changes and text without the new
+    names encodes as before, so a checkpoint trained with `tok` stays valid once its embedding and
+    output head grow to the new size (`dsv3.model.vocab.grow_vocab`; `checkpoint.init_from` grows a
+    smaller vocabulary on loading). A special token is never split or merged with its neighbours, and
+    decodes to its name (with `skip_special_tokens=False`)."""
+    names = list(names)
+    if len(set(names)) != len(names) or any(not isinstance(n, str) or not n for n in names):
+        raise ValueError(f"special token names must be distinct non-empty strings, got {names}")
     missing = [n for n in names if tok.token_to_id(n) is None]
+    first = tok.get_vocab_size(with_added_tokens=True)
     if missing:
         tok.add_special_tokens([AddedToken(n, special=True, normalized=False) for n in missing])
+    placed = [tok.token_to_id(n) for n in missing]
+    if placed != list(range(first, first + len(missing))):
+        raise RuntimeError(f"the tokenizer placed {missing} at {placed}, not after its {first} existing entries")
     return missing
 
 

@@ -58,9 +58,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the interleaved pairs of x [B, S, H, R] by position; computed in fp32."""
+    """Rotate the interleaved pairs of x [B, S, H, R] by position; computed in fp32.
+
+    cos, sin: [S, R/2] (every sequence at positions 0..S-1) or [B, S, R/2] (a position per token, as
+    decoding with a cache needs)."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(x.dtype)

@@ -70,6 +70,10 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg, grouped_gemm) for k in range(cfg.mtp_depth))
         self.rope = RotaryEmbedding(cfg)
+        # None: a loss is the mean CE over the labels that count (label -100 never counts). A number: the
+        # sum divided by it, set by a trainer whose micro-batches count different numbers of labels (SFT's
+        # completion-only loss), so that the step's loss is the mean over every counted label of the batch.
+        self.loss_normalizer: float | None = None
 
     def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> last hidden state [B, S, dim] before the final norm. `documents` [B, S]: the
@@ -93,7 +97,7 @@ class Transformer(nn.Module):
         return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels, documents))
 
     def main_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(self.head(self.norm(h)), labels)
+        return cross_entropy(self.head(self.norm(h)), labels, self.loss_normalizer)
 
     def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
                    documents: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -103,12 +107,18 @@ class Transformer(nn.Module):
             cos, sin = self.rope(length)
             mask = None if documents is None else document_mask(documents[:, :length])
             h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin, mask)
-            losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:]))
+            losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:], self.loss_normalizer))
         return losses
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+IGNORE = -100  # a label that does not count (F.cross_entropy's default ignore_index)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    if normalizer is None:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / normalizer

@@ -21,6 +21,7 @@ from dsv3.config.schema import Config
 from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
+from dsv3.model.transformer import IGNORE
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import build_plan
 from dsv3.train import schedules
@@ -62,7 +63,7 @@ class Trainer:
         torch.manual_seed(t.seed)
 
         # global sample index -> sample, over one corpus or a weighted blend (stateless: resumable exactly)
-        self.train_data, self.val_data = build_data(cfg.data, cfg.model.vocab_size, t.seed)
+        self.train_data, self.val_data = self.make_data()
 
         self.model = build_model(cfg, env.device)
         resume = self._resume_path()
@@ -93,6 +94,22 @@ class Trainer:
                      f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
                      "; attention masked at document boundaries" if cfg.data.document_masks else "")
 
+    # -- data (what a fine-tuning trainer replaces) -----------------------------------------------------
+    def make_data(self):
+        """(train, val): `len()`, `batch(global sample indices)`, `describe()`, `report()`."""
+        return build_data(self.cfg.data, self.cfg.model.vocab_size, self.cfg.train.seed)
+
+    def _val_batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        data = self.val_data.batch(indices)
+        batch = data.tokens.to(self.env.device)
+        docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
+        return batch[:, :-1], batch[:, 1:], docs
+
+    def loss_normalizer(self, batch_size: int, n_micro: int) -> float | None:
+        """Divisor of each micro-batch's summed CE (None: its mean). Pretraining counts every label, and
+        every micro-batch has as many, so the mean per micro-batch is already the global batch's mean."""
+        return None
+
     # -- state -------------------------------------------------------------------------------------------
     def _resume_path(self) -> str | None:
         resume = self.cfg.train.resume
@@ -120,6 +137,7 @@ class Trainer:
         lam = schedules.mtp_weight(st.step, t)
         for moe in self.moe_layers:  # alpha, scaled like the micro-batch's share of the loss
             moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
+        self.model.loss_normalizer = self.loss_normalizer(batch_size, n_micro)
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
         def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -149,14 +167,14 @@ class Trainer:
         # A forward may exchange tokens with other ranks (expert parallelism): all run as many as the busiest.
         busiest = -(-n // self.dp)
         chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
+        self.model.loss_normalizer = None  # per-chunk means, weighted by the labels that count
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
-            data = self.val_data.batch(chunk or [0])  # [0]: a filler, not counted
-            batch = data.tokens.to(self.env.device)
-            docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
-            loss = self.plan.eval_loss(batch[:, :-1], batch[:, 1:], docs, self.autocast)  # None off the last stage
-            if chunk and loss is not None:
-                total += torch.stack([loss.float() * batch.shape[0], loss.new_tensor(float(batch.shape[0]))])
+            tokens, labels, docs = self._val_batch(chunk or [0])  # [0]: a filler, not counted
+            loss = self.plan.eval_loss(tokens, labels, docs, self.autocast)  # None off the last stage
+            counted = float((labels != IGNORE).sum())
+            if chunk and loss is not None and counted > 0:
+                total += torch.stack([loss.float() * counted, loss.new_tensor(counted)])
         all_reduce_sum(total)
         return (total[0] / total[1]).item()
 

@@ -1,0 +1,38 @@
+"""Accuracy of a model on task problems: sample G completions per problem in the R1 template, score the
+answer field, report pass@1 and pass@k (the unbiased estimator of Chen et al. 2021 from G samples),
+format compliance and completion length, overall and per family."""
+from collections import defaultdict
+from math import comb
+
+from dsv3.generate import Generator, SamplingParams
+from dsv3.generate.data_parallel import generate_data_parallel
+from dsv3.rl.rewards import Rollout, accuracy, format_reward
+from dsv3.rl.tasks import Problem
+from dsv3.rl.template import R1_SYSTEM_PROMPT, r1_prompt
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """P(at least one of k samples drawn without replacement from n is correct)."""
+    return 1.0 if n - correct < k else 1.0 - comb(n - correct, k) / comb(n, k)
+
+
+def evaluate(generator: Generator, problems: list[Problem], params: SamplingParams,
+             system_prompt: str = R1_SYSTEM_PROMPT, ks: tuple[int, ...] = (1,)) -> dict:
+    if any(k > params.num_samples for k in ks):
+        raise ValueError(f"pass@{max(ks)} needs num_samples >= {max(ks)}, got {params.num_samples}")
+    result = generate_data_parallel(generator, [r1_prompt(p.question, system_prompt) for p in problems], params)
+    correct, fmt, lengths = defaultdict(int), [], []
+    for c in result.completions:
+        r = Rollout(c.text, problems[c.prompt_index], len(c.tokens), c.finish_reason == "length")
+        correct[c.prompt_index] += int(accuracy(r))
+        fmt.append(format_reward(r))
+        lengths.append(len(c.tokens))
+    G = params.num_samples
+    out = {f"pass@{k}": sum(pass_at_k(G, correct[i], k) for i in range(len(problems))) / len(problems) for k in ks}
+    out.update(format=sum(fmt) / len(fmt), mean_length=sum(lengths) / len(lengths), problems=len(problems),
+               samples=G)
+    families = sorted({p.family for p in problems})
+    for f in families:
+        idx = [i for i, p in enumerate(problems) if p.family == f]
+        out[f"pass@1/{f}"] = sum(correct[i] for i in idx) / (G * len(idx))
+    return out
