@@ -70,9 +70,13 @@ def memory_line(cfg: Config, world_size: int, device: str) -> str:
     """The trainer's startup line: this plan's bytes per rank, from the same code as `launch/plan.py`."""
     setup = plan_setup(cfg, world_size, device)
     worst = max(plan_memory(cfg, setup), key=lambda r: r.total)
-    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in worst.components().items() if v)
-    host = f"; {worst.host / GIB:.1f} GiB of optimizer state in host memory" if worst.host else ""
-    return f"this plan needs ~{worst.total / GIB:.2f} GiB per rank ({parts} GiB{host})"
+    parts = ", ".join(f"{k} {size(v)}" for k, v in worst.components().items() if v)
+    host = f"; {size(worst.host)} of optimizer state in host memory" if worst.host else ""
+    return f"this plan needs ~{size(worst.total)} per rank ({parts}{host})"
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2 ** 20:.1f} MiB"
 
 
 def make_report(cfg: Config, world_size: int, device: str, search_micro_batch: bool = True) -> PlanReport:
