@@ -86,6 +86,17 @@ class Saved:
     def total(self) -> int:
         return sum(self.by_module.values())
 
+    def above_weights(self, last_layer: str | None, last_stage: bool) -> int:
+        """What a stage's graph holds above its last weight GEMMs: freed once the input gradient is
+        computed (I), before the weight gradients (W), because only the outputs reference it. On the
+        last stage the losses' log-softmax outputs; else, if the stage ends with a MoE layer, its
+        router path and combine (the gate's GEMM and the experts' are the last weights below)."""
+        if last_stage:
+            return self.by_module.get("loss", 0)
+        if last_layer is None:
+            return 0
+        return sum(self.by_module.get(f"{last_layer}.ffn.{part}", 0) for part in ("router", "combine", "balance"))
+
 
 class _Forward:
     """Walks the model's forward like the code does, adding what each op keeps to a `Saved`."""
@@ -164,15 +175,15 @@ class _Forward:
     def moe(self, where: str, ch: Chunk, rows: int, z: str, seq: int) -> None:
         c, act = self.c, self.num.act
         E, K, d, inter = c.n_routed_experts, c.n_activated_experts, c.dim, c.moe_inter_dim
-        gate = f"{where}.gate"
-        self.saved.add(gate, rows * d * FP32, z)               # the router runs in fp32 on the norm output
-        self.saved.add(gate, rows * E * FP32 + rows * K * INT64)   # scores, chosen experts
+        self.saved.add(f"{where}.gate", rows * d * FP32, z)   # the router's GEMM runs in fp32 on the norm output
+        router = f"{where}.router"
+        self.saved.add(router, rows * E * FP32 + rows * K * INT64)   # scores, chosen experts
         if c.score_func == "sigmoid":
-            self.saved.add(gate, rows * FP32 + rows * K * FP32)    # normalization of the chosen scores
+            self.saved.add(router, rows * FP32 + rows * K * FP32)    # normalization of the chosen scores
         pairs = rows * K
         local = E // self.ep
         if self.ep == 1:
-            self.saved.add(where, 2 * pairs * INT64)             # the sort permutation and its inverse
+            self.saved.add(f"{where}.dispatch", pairs * INT64)         # the inverse of the sort by expert
             routed = pairs
         else:                                    # expected rows received (even routing) plus the alignment padding
             routed = pairs + local * (self.align - 1) // 2
@@ -191,11 +202,14 @@ class _Forward:
         # combine keeps the expert outputs of each (token, k), in fp32 locally (its sum is fp32), in the
         # experts' dtype (BF16 on the wire with FP8) over EP; and the routing weights
         y_bytes = FP32 if self.ep == 1 else (BF16 if self.num.fp8 or self.num.autocast else FP32)
-        self.saved.add(where, pairs * d * y_bytes + pairs * FP32)
+        combine = f"{where}.combine"
+        self.saved.add(combine, pairs * d * y_bytes + pairs * FP32)
+        if self.ep == 1:
+            self.saved.add(combine, pairs * INT64)                      # the sort permutation
         if c.n_shared_experts > 0:
             self.swiglu(f"{where}.shared_experts", rows, c.n_shared_experts * inter, z)
         if ch.balance_loss:
-            self.saved.add(where, rows * FP32 + rows // seq * E * FP32)   # balance loss: sums, f
+            self.saved.add(f"{where}.balance", rows * FP32 + rows // seq * E * FP32)   # sums, f
 
     def block(self, where: str, ch: Chunk, rows: int, seq: int, moe: bool, x_bytes: int = FP32) -> None:
         """One transformer layer on the residual stream x (a fresh tensor of x_bytes per element)."""
@@ -213,7 +227,7 @@ class _Forward:
         """norm -> head -> cross-entropy: log_softmax keeps its fp32 output, NLL a copy of the labels."""
         z = self.norm(where, rows, self.c.dim, x_key, x_bytes)
         self.linear("head", rows, self.c.dim, self.c.vocab_size, z, FP32)
-        self.saved.add("head", rows * self.c.vocab_size * FP32 + rows * INT64 + FP32)
+        self.saved.add("loss", rows * self.c.vocab_size * FP32 + rows * INT64 + FP32)
 
     def embed(self, ch: Chunk) -> None:
         # the token ids are a view of the loaded [b, S+1] batch (inputs and labels share it)

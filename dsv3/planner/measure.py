@@ -82,6 +82,9 @@ class ActivationPeak:
     def _pack(self, t: torch.Tensor):
         storage = t.untyped_storage()
         key = storage.data_ptr()
+        # a detached alias: holding an op's own output with its grad_fn would make a reference cycle
+        # (node -> saved -> tensor -> node) that a retained graph (the B/W split) never frees
+        t = t.detach()
         if key in self._skip or storage.nbytes() == 0:
             return _Held(t, -1, self)
         if self._refs.get(key, 0) == 0:

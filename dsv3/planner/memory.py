@@ -110,23 +110,28 @@ def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
         if setup.offload:
             host, opt = opt, 0
 
-        def chunk(stage: int, mb: int = 0) -> int:
+        def chunk(stage: int, mb: int = 0) -> tuple[int, int]:
+            """(bytes one forward keeps, the part still kept between its I and its W)"""
             ch = setup.chunk(stage, mb, b, seq, cfg)
-            return chunk_saved(m, num, ch, layout.ranges[stage], stage == 0, stage == layout.n_stages - 1,
-                               fp8_linears, setup.ep, p.expert_align).total
-        sizes = {s: chunk(s) for s in stages}
+            layers, last = layout.ranges[stage], stage == layout.n_stages - 1
+            saved = chunk_saved(m, num, ch, layers, stage == 0, last, fp8_linears, setup.ep, p.expert_align)
+            top = layers[-1] if layers and layers[-1] >= m.n_dense_layers else None
+            # the first stage's input needs no gradient: its I is empty and W runs the whole backward
+            early = 0 if stage == 0 else saved.above_weights(f"layers.{top}" if top is not None else None, last)
+            return saved.total, saved.total - early
+        sizes = {s: chunk(s)[0] for s in stages}
         if sched is None:
             act = sizes[0] * (2 if setup.overlap else 1)   # an F&B pair holds two micro-batches
             recv = 0
         else:
-            cache: dict[tuple[int, int], int] = {}
+            cache: dict[tuple[int, int], tuple[int, int]] = {}
 
-            def weight(stage: int, mb: int) -> int:
+            def of(stage: int, mb: int) -> tuple[int, int]:
                 key = (stage, setup.segment_of(mb))
                 if key not in cache:
                     cache[key] = chunk(stage, mb)
                 return cache[key]
-            peaks, peaks_w = peak_activations(sched, weight)
+            peaks, peaks_w = peak_activations(sched, lambda s, mb: of(s, mb)[0], lambda s, mb: of(s, mb)[1])
             act = int((peaks_w if setup.split_backward else peaks)[r])
             recv = outstanding_receives(sched, r) * setup.unit_tokens(b, seq) * m.dim * FP32
         buffers = recv
