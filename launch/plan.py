@@ -8,6 +8,7 @@
 The world is the hardware's GPUs (nodes x gpus_per_node); without hardware, --world-size N (default:
 the smallest world the plan needs). The config is validated for that world first (exit 2 naming the key).
 """
+import dataclasses
 import json
 import os
 import sys
@@ -53,8 +54,10 @@ def main(argv: list[str]) -> None:
     else:
         world = world_flag or p.pp * (p.dp if p.dp > 0 else p.ep)
         per_node = world
+    # Planning needs no corpus: the rules that read one (data.path, blends, FIM sentinels) are left out.
+    unread = dataclasses.replace(cfg.data, source="stdlib", path=None, blend=[], fim_rate=0.0, tokenizer=None)
     try:
-        validate(cfg, world_size=world, local_world_size=per_node)
+        validate(dataclasses.replace(cfg, data=unread), world_size=world, local_world_size=per_node)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -287,6 +287,10 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
 
     validate_post_training(cfg)
 
+    from dsv3.planner.config_rules import hardware_rules
+
+    hardware_rules(cfg)
+
     c = cfg.checkpoint
     _require(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
     _require(c.keep >= 0, "checkpoint.keep", c.keep, "must be >= 0 (0 = keep all)")

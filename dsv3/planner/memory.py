@@ -135,8 +135,9 @@ def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
             act = int((peaks_w if setup.split_backward else peaks)[r])
             recv = outstanding_receives(sched, r) * setup.unit_tokens(b, seq) * m.dim * FP32
         buffers = recv
-        if setup.dp > 1 or setup.pp > 1:                   # the reduction's flat fp32 bucket
-            buffers += min(held.total, BUCKET_NUMEL + shape.largest_tensor) * FP32
+        if setup.dp > 1 or setup.pp > 1:   # the reduction's flat fp32 bucket: >= 25M values, closed by a tensor
+            largest = max(shape.largest_dense, shape.largest_expert // setup.ep)
+            buffers += min(held.total, BUCKET_NUMEL + largest) * FP32
         if setup.ep > 1 and any(i >= m.n_dense_layers for s in stages for i in layout.ranges[s]):
             rows = setup.unit_tokens(b, seq) * m.n_activated_experts
             wire = fp8_tiles(rows, m.dim) if num.fp8 else rows * m.dim * num.act

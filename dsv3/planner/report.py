@@ -128,11 +128,11 @@ def _verdict(cfg: Config, hw: HardwareConfig, memory: list[RankMemory], availabl
         return False, (f"the offloaded optimizer state needs {worst.host * hw.gpus_per_node / GIB:.0f} GiB of host "
                        f"memory per node, {hw.name} has {hw.host_memory_gib:.0f}")
     if worst.total <= available:
-        return True, f"fits: {worst.total / GIB:.1f} of {available / GIB:.1f} GiB on the fullest rank"
+        return True, f"fits: {worst.total / GIB:.2f} of {available / GIB:.2f} GiB on the fullest rank"
     comps = sorted(worst.components().items(), key=lambda kv: -kv[1])
     top = ", ".join(f"{k} {v / GIB:.1f}" for k, v in comps[:3])
-    return False, (f"does not fit: pipeline rank {worst.pp_rank} needs {worst.total / GIB:.1f} GiB, "
-                   f"{available / GIB:.1f} are available ({top} GiB)")
+    return False, (f"does not fit: pipeline rank {worst.pp_rank} needs {worst.total / GIB:.2f} GiB, "
+                   f"{available / GIB:.2f} are available ({top} GiB)")
 
 
 def largest_fitting_micro_batch(cfg: Config, world_size: int, device: str, available: float) -> Optional[int]:

@@ -39,7 +39,8 @@ class ModelShape:
     fp8_linears: dict[str, tuple[int, int]]   # FP8-capable nn.Linear (out, in) by qualified name
     n_moe_layers: int                         # main model
     n_mtp_moe_layers: int
-    largest_tensor: int                       # elements of the largest parameter tensor
+    largest_dense: int                        # elements of the largest parameter tensor not split by EP
+    largest_expert: int                       # ... of the largest routed-expert tensor (before the EP split)
 
     def main_params(self) -> int:
         return sum(u.total for n, u in self.units.items() if n != "mtp")
@@ -80,8 +81,9 @@ def _model_shape(key: tuple) -> ModelShape:
             w = model.get_submodule(qual).weight
             linears[qual] = (w.shape[0], w.shape[1])
     n_moe = cfg.n_layers - cfg.n_dense_layers
-    largest = max(p.numel() for p in model.parameters())
-    return ModelShape(units, linears, n_moe, cfg.mtp_depth, largest)
+    largest_dense = max((p.numel() for p in model.parameters() if id(p) not in expert_params), default=0)
+    largest_expert = max((p.numel() for p in model.parameters() if id(p) in expert_params), default=0)
+    return ModelShape(units, linears, n_moe, cfg.mtp_depth, largest_dense, largest_expert)
 
 
 def activated_params(cfg: ModelConfig, shape: ModelShape, mtp: bool = False) -> int:
