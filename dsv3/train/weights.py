@@ -36,6 +36,9 @@ def check_same_architecture(ours: ModelConfig, theirs: ModelConfig, source: str)
 
 
 def load_initial_weights(path: str, model: torch.nn.Module, cfg: ModelConfig) -> None:
+    """`path`: an HF directory, a dsv3 step directory, or a run's checkpoint directory (its latest step:
+    how a phase starts from the previous one's end, e.g. context extension after pretraining)."""
+    path = checkpoint_step(path)
     if is_hf_directory(path):
         hf_cfg, tensors = load_hf(path)
         check_same_architecture(cfg, model_config_from_hf(hf_cfg), path)
