@@ -54,10 +54,13 @@ def main(argv: list[str]) -> None:
     else:
         world = world_flag or p.pp * (p.dp if p.dp > 0 else p.ep)
         per_node = world
-    # Planning needs no corpus: the rules that read one (data.path, blends, FIM sentinels) are left out.
+    # Planning reads no files: the rules that do (data.path, blends, FIM sentinels, the weights a phase
+    # starts from) are left out.
     unread = dataclasses.replace(cfg.data, source="stdlib", path=None, blend=[], fim_rate=0.0, tokenizer=None)
+    no_weights = dataclasses.replace(cfg.checkpoint, init_from=None)
     try:
-        validate(dataclasses.replace(cfg, data=unread), world_size=world, local_world_size=per_node)
+        validate(dataclasses.replace(cfg, data=unread, checkpoint=no_weights), world_size=world,
+                 local_world_size=per_node)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

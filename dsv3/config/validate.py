@@ -242,6 +242,9 @@ def validate(cfg: Config, world_size: int = 1, local_world_size: int | None = No
                  "must be a list of [steps, lr] pairs")
 
     validate_pipeline_parallel(m, p, t)
+    from dsv3.parallel.pipeline.config import validate_seq_chunks
+
+    validate_seq_chunks(p.pp, p.pp_schedule, p.seq_chunks, cfg.data.seq_len)
     _require(world_size % p.pp == 0, "parallel.pp", p.pp,
              f"must divide the world size ({world_size}): the world is pp x dp ranks")
     dp = world_size // p.pp if p.dp == -1 else p.dp

@@ -100,14 +100,18 @@ class Transformer(nn.Module):
         return cross_entropy(self.head(self.norm(h)), labels, self.loss_normalizer)
 
     def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                   documents: torch.Tensor | None = None) -> list[torch.Tensor]:
+                   documents: torch.Tensor | None = None, start: int = 0) -> list[torch.Tensor]:
+        """`h` holds positions start.. of the sequences `tokens`/`labels` (all of them unless a caller runs a
+        sequence in segments): depth k predicts from the positions whose token k+1 ahead is known."""
         losses = []
         for k, module in enumerate(self.mtp, start=1):
-            length = tokens.shape[1] - k
-            cos, sin = self.rope(length)
+            length = min(h.shape[1], tokens.shape[1] - k - start)
+            cos, sin = self.rope(start + length)
+            cos, sin = cos[start:], sin[start:]
             mask = None if documents is None else document_mask(documents[:, :length])
-            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin, mask)
-            losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:], self.loss_normalizer))
+            h = module(h[:, :length], self.embed(tokens[:, start + k:start + k + length]), cos, sin, mask)
+            losses.append(cross_entropy(self.head(module.norm(h)), labels[:, start + k:start + k + length],
+                                        self.loss_normalizer))
         return losses
 
     def moe_layers(self) -> list[MoE]:

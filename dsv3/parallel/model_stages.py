@@ -74,6 +74,7 @@ class StepContext:
 
     autocast: AbstractContextManager = field(default_factory=nullcontext)
     mtp_weight: float = 0.0
+    start: int = 0                # position of the chunk's first token in its sequences (Seq1F1B's segments)
     main: list[torch.Tensor] = field(default_factory=list)
     mtp: list[torch.Tensor] = field(default_factory=list)
     balance: list[torch.Tensor] = field(default_factory=list)
@@ -105,7 +106,9 @@ class StageBody(nn.Module):
         # Transformer.hidden, restricted to this stage's layers
         with self.ctx.autocast:
             h = self.embed(x) if self.embed is not None else x
-            cos, sin = self.rope(h.shape[1])
+            start = self.ctx.start
+            cos, sin = self.rope(start + h.shape[1])
+            cos, sin = cos[start:], sin[start:]
             for layer in self.layers.values():
                 h = layer(h, cos, sin)
         if self.training and torch.is_grad_enabled():
@@ -126,11 +129,18 @@ class HeadLoss(nn.Module):
         self.moes = [m for m in self.mtp.modules() if isinstance(m, MoE)]
 
     def forward(self, h: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`h` holds positions ctx.start.. of the sequences `target` = (tokens, labels): all of them, or a
+        Seq1F1B segment of L. A segment's losses are weighed so that their mean over the sequence's N
+        segments is the sequence's: the main CE is the segment's mean (N equal parts), depth k's CE its
+        mean times (its positions) * N / (the sequence's S-k) (the last segment has k fewer)."""
         tokens, labels = target
-        model = self._model[0]
+        model, start, length, seq = self._model[0], self.ctx.start, h.shape[1], tokens.shape[1]
         with self.ctx.autocast:
-            main = model.main_loss(h, labels)
-            mtp_losses = model.mtp_losses(h, tokens, labels)
+            main = model.main_loss(h, labels[:, start:start + length])
+            mtp_losses = model.mtp_losses(h, tokens, labels, start=start)
+        if length < seq:
+            n = seq // length
+            mtp_losses = [x * (min(length, seq - k - start) * n / (seq - k)) for k, x in enumerate(mtp_losses, 1)]
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else torch.zeros((), device=h.device)
         if self.training and torch.is_grad_enabled():
             self.ctx.main.append(main.detach().float())

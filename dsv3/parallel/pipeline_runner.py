@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from dsv3.model.moe import MoE
 from dsv3.parallel.model_stages import HeadLoss, StepContext
 from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
 from dsv3.parallel.pipeline.schedule import Schedule
@@ -40,8 +41,9 @@ class PipelineRunner:
 
     def __init__(self, schedule: Schedule, stages: list[Stage], ctx: StepContext, pp_rank: int,
                  group: dist.ProcessGroup, act_shape: tuple[int, int, int], device: torch.device,
-                 overlap: Optional[OverlapHook] = None):
+                 overlap: Optional[OverlapHook] = None, seq_chunks: int = 1):
         self.schedule, self.stages, self.ctx = schedule, {s.index: s for s in stages}, ctx
+        self.seq_chunks = seq_chunks    # Seq1F1B: schedule micro-batch u is segment u % N of micro-batch u // N
         self.pp_rank, self.group, self.device = pp_rank, group, device
         # The residual stream stays in the parameters' dtype (fp32 master weights): autocast lowers
         # GEMM outputs only, and the residual additions promote back.
@@ -68,22 +70,36 @@ class PipelineRunner:
         `micro_batch(j)` loads micro-batch j; it is called only for the micro-batches whose first
         or last stage runs here. Returns [main CE, MTP CE, balance loss] summed over what this rank
         computed and divided by m: summed over the pipeline ranks it is the replica's mean."""
-        m = self.schedule.microbatches
-        if n_micro != m:
+        m, n = self.schedule.microbatches, self.seq_chunks
+        if n_micro * n != m:
             raise ValueError(f"the step has {n_micro} micro-batches but the {self.schedule.name} schedule "
-                             f"was built for parallel.microbatches={m}")
+                             f"was built for parallel.microbatches={m // n}")
         inputs: list = [None] * m
         targets: list = [None] * m
-        for j in sorted(set(self._first) | set(self._last)):
-            tokens, labels, _ = micro_batch(j)
-            inputs[j], targets[j] = tokens, (tokens, labels)
+        loaded: dict[int, MicroBatch] = {}
+        for u in sorted(set(self._first) | set(self._last)):
+            if u // n not in loaded:
+                loaded[u // n] = micro_batch(u // n)
+            tokens, labels, _ = loaded[u // n]
+            length = tokens.shape[1] // n
+            inputs[u], targets[u] = tokens[:, u % n * length:(u % n + 1) * length], (tokens, labels)
         for mod in self._modules():
             mod.train()
         t = self.ctx
         t.clear()
         t.autocast, t.mtp_weight = autocast, mtp_weight
-        self.executor.step(inputs, targets)
+        # Seq1F1B: each segment's balance loss weighs 1/N of its micro-batch's (the caller set alpha / n_micro)
+        moes = [mod for module in self._modules() for mod in module.modules() if isinstance(mod, MoE)] if n > 1 else []
+        coeffs = [mod.balance_loss_coeff for mod in moes]
+        for mod in moes:
+            mod.balance_loss_coeff /= n
+        try:
+            self.executor.step(inputs, targets)
+        finally:
+            for mod, c in zip(moes, coeffs):
+                mod.balance_loss_coeff = c
         zero = torch.zeros((), device=self.device)
+        # each schedule micro-batch's losses are a mean over the batch's sequences (segments: see HeadLoss)
         sums = torch.stack([torch.stack(xs).sum() if xs else zero for xs in (t.main, t.mtp, t.balance)]) / m
         t.clear()
         return sums

@@ -72,7 +72,7 @@ def step_traffic(cfg: Config, setup: PlanSetup, ranks_per_node: int) -> StepTraf
     layout = StageLayout(setup.schedule, setup.pp, m.n_layers, m.mtp_depth)
     tokens = setup.unit_tokens(t.micro_batch_size, cfg.data.seq_len)
     num = setup.numerics
-    sched = build_schedule(setup.schedule, setup.pp, setup.units) if setup.pp > 1 else None
+    sched = build_schedule(setup.schedule, setup.pp, setup.units, setup.seq_chunks) if setup.pp > 1 else None
     ep_intra = ep_inter = pp = dp = 0.0
     same, other = ep_destinations(cfg, setup.ep, ranks_per_node) if setup.ep > 1 else (0.0, 0.0)
     if setup.ep > 1:

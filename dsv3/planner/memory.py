@@ -94,7 +94,7 @@ def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
     fp8_linears = set(shape.fp8_linears)
     seq, b = cfg.data.seq_len, t.micro_batch_size
     moment = MOMENT_BYTES[cfg.optim.moment_dtype]
-    sched = build_schedule(setup.schedule, setup.pp, setup.units) if setup.pp > 1 else None
+    sched = build_schedule(setup.schedule, setup.pp, setup.units, setup.seq_chunks) if setup.pp > 1 else None
     out = []
     for r in range(setup.pp):
         stages = layout.stages_of(r)

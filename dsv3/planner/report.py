@@ -108,7 +108,7 @@ def make_report(cfg: Config, world_size: int, device: str, search_micro_batch: b
             largest = largest_fitting_micro_batch(cfg, world_size, device, available)
     bubble = None
     if setup.pp > 1:
-        bubble = simulate(build_schedule(setup.schedule, setup.pp, setup.units),
+        bubble = simulate(build_schedule(setup.schedule, setup.pp, setup.units, setup.seq_chunks),
                           Costs(F=1.0, B=2.0, W=1.0)).bubble_fraction
     timing = _timing(cfg, hw, flops, traffic, setup) if hw is not None and hw.bf16_tflops > 0 else None
     return PlanReport(model, plan, dataclasses.asdict(hw) if hw else None, memory, available, fits, verdict,

@@ -1,12 +1,12 @@
 """Validation of the pipeline config keys ``parallel.pp``, ``parallel.pp_schedule``,
-``parallel.microbatches`` (the Hydra schema lives in dsv3/config and calls this)."""
+``parallel.microbatches``, ``parallel.seq_chunks`` (the Hydra schema lives in dsv3/config and calls this)."""
 from __future__ import annotations
 
 from typing import Any
 
 from dsv3.config.errors import ConfigError
 
-SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev", "seq1f1b")
 PAIR_SCHEDULES = ("dualpipe", "dualpipev")   # the schedules with overlapped F&B pairs
 
 
@@ -44,3 +44,17 @@ def validate_pipeline(pp: int, schedule: str, microbatches: int, n_layers: int) 
     _require(isinstance(n_layers, int) and n_layers >= stages, "parallel.pp", pp,
              f"parallel.pp_schedule={schedule} makes {stages} stages but the model has {n_layers} "
              f"layers and every stage needs one; allowed: pp <= {most}")
+
+
+def validate_seq_chunks(pp: int, schedule: str, seq_chunks: int, seq_len: int) -> None:
+    """Seq1F1B cuts every sequence into `seq_chunks` equal segments that flow as micro-batches."""
+    _require(isinstance(seq_chunks, int) and seq_chunks >= 1, "parallel.seq_chunks", seq_chunks,
+             "must be an integer >= 1")
+    if schedule != "seq1f1b":
+        _require(seq_chunks == 1, "parallel.seq_chunks", seq_chunks,
+                 f"must be 1 unless parallel.pp_schedule=seq1f1b (got {schedule}): only Seq1F1B cuts sequences")
+        return
+    _require(pp > 1, "parallel.pp_schedule", schedule,
+             "seq1f1b is a pipeline schedule: it needs parallel.pp > 1")
+    _require(seq_len % seq_chunks == 0, "parallel.seq_chunks", seq_chunks,
+             f"must divide data.seq_len={seq_len} (segments of equal length)")
