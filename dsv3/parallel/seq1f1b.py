@@ -68,3 +68,15 @@ class SegmentKV(ChunkCarry):
 
     def release(self, mb: int) -> None:
         self.leaves.pop(mb)       # aliases of this segment's roots (no storage of their own until now)
+
+    def pending_grad_bytes(self) -> int:
+        """Bytes of the key/value gradients the later segments left, waiting for their segment's backward
+        (activation memory beyond what autograd saves; the memory measurement adds it)."""
+        seen, total = set(), 0
+        for leaves in self.leaves.values():
+            for k, v in leaves.values():
+                for g in (k.grad, v.grad):
+                    if g is not None and g.untyped_storage().data_ptr() not in seen:
+                        seen.add(g.untyped_storage().data_ptr())
+                        total += g.untyped_storage().nbytes()
+        return total

@@ -40,7 +40,17 @@ def measure_step(cfg, env: Env) -> dict[str, int]:
                for _ in range(n_micro)]
     bf16 = cfg.precision.dtype == "bf16"
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with ActivationPeak(model) as peak:
+    peak = ActivationPeak(model)
+    for stage in getattr(plan.runner, "stages", {}).values():
+        if stage.carry is not None:      # Seq1F1B: key/value gradients waiting for their segment's backward
+            peak.add_source(stage.carry.pending_grad_bytes)
+            grads = stage.carry.grads   # ... the most of them just before a backward takes its share
+
+            def sampled(mb, grads=grads):
+                peak.sample()
+                return grads(mb)
+            stage.carry.grads = sampled
+    with peak:
         plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:], None), n_micro, 0.3, autocast)
     grads = grad_bytes(model)
     plan.reduce_and_clip(cfg.optim.grad_clip)
