@@ -11,7 +11,8 @@ same amounts (the routed rows an expert rank receives are taken at their mean).
   over the data-parallel ranks (expert tensors over their expert-data-parallel group); offload moves
   them to the host;
 - activations: the peak over the step of what the chunks alive keep for backward (`activations.py`),
-  walked through the schedule's instruction order (`simulator.peak_activations`);
+  walked through the schedule's instruction order (`simulator.peak_activations`); under Seq1F1B also the
+  key/value gradients waiting for their segment's backward;
 - buffers: pipeline receives posted ahead of their chunk (fp32 [b, S, dim] each), the flat gradient
   bucket of the data-parallel reduction, the expert all-to-all's send and receive rows of one layer;
 - workspace: the largest tensor alive only inside one op (the head's logits and their gradient).
@@ -85,6 +86,17 @@ def outstanding_receives(sched: Schedule, rank: int) -> int:
     return peak
 
 
+def pending_kv_grads(m, num: Numerics, setup: PlanSetup, layout: StageLayout, stages: list[int], b: int,
+                     seq: int) -> int:
+    """Seq1F1B: before a segment's backward, the later segments have left the gradient of the keys and
+    values it attended over (its own and the earlier segments', [b, (j+1)L, H, qk] each) in every
+    attention module of the stage; at most for the second-to-last segment, (N-1)L positions."""
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    per_position = m.n_heads * (qk + max(qk, m.v_head_dim)) * num.act
+    attentions = sum(len(layout.ranges[s]) + (m.mtp_depth if s == layout.n_stages - 1 else 0) for s in stages)
+    return attentions * b * (seq - seq // setup.seq_chunks) * per_position
+
+
 def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
     """Bytes per pipeline rank of `cfg` on the world `setup` describes."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
@@ -133,6 +145,8 @@ def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
                 return cache[key]
             peaks, peaks_w = peak_activations(sched, lambda s, mb: of(s, mb)[0], lambda s, mb: of(s, mb)[1])
             act = int((peaks_w if setup.split_backward else peaks)[r])
+            if setup.seq_chunks > 1:
+                act += pending_kv_grads(m, num, setup, layout, stages, b, seq)
             recv = outstanding_receives(sched, r) * setup.unit_tokens(b, seq) * m.dim * FP32
         buffers = recv
         if setup.dp > 1 or setup.pp > 1:   # the reduction's flat fp32 bucket: >= 25M values, closed by a tensor
