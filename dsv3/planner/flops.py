@@ -36,7 +36,8 @@ def layer_gemm_flops(c: ModelConfig, moe: bool) -> float:
     """Forward GEMM FLOPs of one layer, per token (attention core excluded)."""
     H, qk = c.n_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
     q = c.dim * c.q_lora_rank + c.q_lora_rank * H * qk if c.q_lora_rank > 0 else c.dim * H * qk
-    attn = q + c.dim * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) \
+    attn = q + c.dim * (c.kv_lora_rank + c.qk_rope_head_dim) \
+        + c.kv_lora_rank * H * (c.qk_nope_head_dim + c.v_head_dim) \
         + H * c.v_head_dim * c.dim
     if moe:
         ffn = c.dim * c.n_routed_experts + 3 * c.dim * c.moe_inter_dim * (c.n_activated_experts + c.n_shared_experts)

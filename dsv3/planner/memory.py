@@ -27,7 +27,7 @@ from dsv3.parallel.model_stages import StageLayout
 from dsv3.parallel.pipeline import build_schedule
 from dsv3.parallel.pipeline.schedule import Op, Schedule
 from dsv3.parallel.pipeline.simulator import peak_activations
-from dsv3.planner.activations import BF16, FP32, Chunk, Numerics, chunk_saved, fp8_tiles
+from dsv3.planner.activations import BF16, FP32, Numerics, chunk_saved, fp8_tiles
 from dsv3.planner.shapes import ModelShape, UnitParams, model_shape
 from dsv3.planner.setup import PlanSetup
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsv3.config.schema import Config
-from dsv3.parallel.pipeline.config import PAIR_SCHEDULES
 from dsv3.planner.activations import Chunk, Numerics
 
 # Schedules whose backward is split into I and W: our B/W split keeps a chunk's graph until its W.

@@ -71,7 +71,8 @@ def _model_shape(key: tuple) -> ModelShape:
     units: dict[str, UnitParams] = {}
     for name, p in model.named_parameters():
         u = unit_of(name)
-        add = UnitParams(expert=p.numel(), tensors=1) if id(p) in expert_params else UnitParams(dense=p.numel(), tensors=1)
+        add = (UnitParams(expert=p.numel(), tensors=1) if id(p) in expert_params
+               else UnitParams(dense=p.numel(), tensors=1))
         units[u] = units.get(u, UnitParams()) + add
     from dsv3.fp8.convert import fp8_units
 

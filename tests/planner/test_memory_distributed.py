@@ -16,7 +16,8 @@ PLANS = {
     "pp2 1f1b": ["parallel=pp2", "train.micro_batch_size=1"],
     "pp2 zb1p": ["parallel=pp2", "parallel.pp_schedule=zb1p", "train.micro_batch_size=1"],
     "pp2 dualpipe": ["parallel=pp2_dualpipe", "train.micro_batch_size=2"],
-    "pp2 seq1f1b": ["parallel=pp2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=4", "train.micro_batch_size=1"],
+    "pp2 seq1f1b": ["parallel=pp2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=4",
+                    "train.micro_batch_size=1"],
     "ep2 (dp2)": ["parallel=ep2", "parallel.ep_transport=all_to_all", "parallel.overlap=false",
                   "train.micro_batch_size=2"],
 }

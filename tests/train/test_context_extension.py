@@ -44,7 +44,8 @@ def test_pretrain_then_extend_with_yarn_beats_the_unextended_model_on_long_seque
                      f"model.original_seq_len={SHORT}")
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_pretrain(ext, *COMMON, "train.max_steps=15", "optim.lr=5e-4", f"data.seq_len={LONG}",
-                     f"model.max_seq_len={LONG}", f"model.original_seq_len={SHORT}", f"model.rope_factor={LONG // SHORT}",
+                     f"model.max_seq_len={LONG}", f"model.original_seq_len={SHORT}",
+                     f"model.rope_factor={LONG // SHORT}",
                      f"checkpoint.init_from={pre}/checkpoints")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "initialized weights from" in r.stderr + r.stdout
