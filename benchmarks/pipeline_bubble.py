@@ -77,6 +77,12 @@ def draw_figures(img: Path) -> list[str]:
                              f"{name}: pp={pp}, {m} micro-batches, F:B:W=1:2:1, F&B=2.5 "
                              f"(bubble {res.bubble:g})")
         out.append(str(path))
+    # Seq1F1B next to 1F1B's figure: the same 8 sequences, each in 4 segments of a quarter of the cost
+    n = 4
+    res = simulate(build_schedule("seq1f1b", 4, 8 * n, n), Costs(F=1.0 / n, B=2.0 / n, W=1.0 / n))
+    out.append(str(draw_timeline(res, img / "pipeline_seq1f1b_pp4_m8x4.png",
+                                 f"seq1f1b: pp=4, 8 sequences in {n} segments, F:B = 1:2 per sequence "
+                                 f"(bubble {res.bubble:g}; 1f1b: {simulate(build_schedule('1f1b', 4, 8), COSTS).bubble:g})")))
     return out
 
 
