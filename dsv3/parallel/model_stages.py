@@ -131,8 +131,10 @@ class HeadLoss(nn.Module):
     def forward(self, h: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`h` holds positions ctx.start.. of the sequences `target` = (tokens, labels): all of them, or a
         Seq1F1B segment of L. A segment's losses are weighed so that their mean over the sequence's N
-        segments is the sequence's: the main CE is the segment's mean (N equal parts), depth k's CE its
-        mean times (its positions) * N / (the sequence's S-k) (the last segment has k fewer)."""
+        segments is the sequence's: a mean CE (every label counts, pretraining) as it is for the main
+        head (N equal parts), and times (its positions) * N / (the sequence's S-k) for MTP depth k (the
+        last segment has k fewer); a CE summed over the counted labels and divided by the model's
+        `loss_normalizer` (SFT) times N."""
         tokens, labels = target
         model, start, length, seq = self._model[0], self.ctx.start, h.shape[1], tokens.shape[1]
         with self.ctx.autocast:
@@ -140,7 +142,10 @@ class HeadLoss(nn.Module):
             mtp_losses = model.mtp_losses(h, tokens, labels, start=start)
         if length < seq:
             n = seq // length
-            mtp_losses = [x * (min(length, seq - k - start) * n / (seq - k)) for k, x in enumerate(mtp_losses, 1)]
+            if model.loss_normalizer is not None:
+                main, mtp_losses = main * n, [x * n for x in mtp_losses]
+            else:
+                mtp_losses = [x * (min(length, seq - k - start) * n / (seq - k)) for k, x in enumerate(mtp_losses, 1)]
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else torch.zeros((), device=h.device)
         if self.training and torch.is_grad_enabled():
             self.ctx.main.append(main.detach().float())

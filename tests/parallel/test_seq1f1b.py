@@ -12,6 +12,7 @@ import torch
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model import Transformer, init_weights
+from dsv3.model.transformer import IGNORE
 from dsv3.parallel.model_stages import StageLayout, StepContext, cut_model
 from dsv3.parallel.pipeline import PipelineExecutor, build_schedule, check_blocking_comms, simulate, Costs
 from dsv3.parallel.pipeline.simulator import peak_activations
@@ -44,21 +45,26 @@ def _model(cfg: ModelConfig) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("mtp_depth,q_lora_rank", [(1, 32), (2, 0)])
-def test_segments_compute_the_unsegmented_losses_and_gradients(mtp_depth, q_lora_rank):
+@pytest.mark.parametrize("mtp_depth,q_lora_rank,normalizer", [(1, 32, None), (2, 0, None), (1, 32, 37.0)])
+def test_segments_compute_the_unsegmented_losses_and_gradients(mtp_depth, q_lora_rank, normalizer):
+    """normalizer: SFT's loss (CE summed over the counted labels, some labels not counted, / a number)."""
     cfg = ModelConfig(n_layers=3, n_dense_layers=1, mtp_depth=mtp_depth, q_lora_rank=q_lora_rank)
     torch.manual_seed(0)
     sequences, b, seq, n = 2, 2, 24, 4
     tokens = torch.randint(0, cfg.vocab_size, (sequences, b, seq))
     labels = torch.randint(0, cfg.vocab_size, (sequences, b, seq))
+    if normalizer is not None:
+        labels[torch.rand(labels.shape) < 0.3] = IGNORE
 
     whole = _model(cfg)
+    whole.loss_normalizer = normalizer
     for i in range(sequences):
         parts = whole.losses(tokens[i], labels[i])
         ((parts.main + LAMBDA * torch.stack(parts.mtp).mean()) / sequences).backward()
     reference = {k: p.grad for k, p in whole.named_parameters() if p.grad is not None}
 
     model, ctx = _model(copy.deepcopy(cfg)), StepContext(mtp_weight=LAMBDA)
+    model.loss_normalizer = normalizer
     (stage,) = cut_model(model, StageLayout("seq1f1b", 1, cfg.n_layers, cfg.mtp_depth), 0, ctx)
     stage.carry = SegmentKV([stage.module, stage.loss_fn], ctx, n, seq // n)
     sched = build_schedule("seq1f1b", 1, sequences * n, n)
