@@ -44,6 +44,8 @@ class Stage:
         module: runs the stage, see the module docstring for inputs and outputs.
         loss_fn: (output, target) -> mean loss of one micro-batch; required on the last stage,
             must be None elsewhere.
+        carry: what the stage's chunks hand to its later chunks besides the pipeline's activations
+            (`ChunkCarry`, e.g. Seq1F1B's keys and values); None: nothing.
     """
 
     index: int
