@@ -5,7 +5,7 @@ and, on CPU, the executor's measured idle time per rank next to the simulated on
     python benchmarks/pipeline_bubble.py --skip-measure  # simulation and pictures only
 
 Simulation uses Table 2's cost model with F:B:W = 1:2:1 and F&B = 2.5 (overlap hides half a
-forward). The measurement runs the toy model of dsv3.parallel.pipeline.testing over gloo with one
+forward). The measurement runs the toy model of tests/pipeline/pipeline_testing.py over gloo with one
 thread per rank, reads each (op, stage)'s mean duration and the P2P latency off the run, and
 simulates the same schedule with those costs: the difference is what the cost model leaves out
 (first-stage I/W being uneven, Python overhead, other processes on the machine).
@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 
-from dsv3.parallel.pipeline import SCHEDULES, Costs, build_schedule, simulate
-from dsv3.parallel.pipeline.simulator import Block
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: dsv3, and tests/ for the toy model
+
+from dsv3.parallel.pipeline import SCHEDULES, Costs, build_schedule, simulate  # noqa: E402
+from dsv3.parallel.pipeline.simulator import Block  # noqa: E402
 
 COSTS = Costs(F=1.0, B=2.0, W=1.0, FB=2.5)
 # The schedules of the V3 report's Table 2 (Seq1F1B's segments are compared in docs/scaling.md)
@@ -110,7 +112,7 @@ def measure_worker(rank: int, world: int, case: dict) -> dict:
     import torch.distributed as dist
 
     from dsv3.parallel.pipeline.executor import PipelineExecutor, Stage
-    from dsv3.parallel.pipeline.testing import toy_batches, toy_loss, toy_model
+    from tests.pipeline.pipeline_testing import toy_batches, toy_loss, toy_model
 
     sched = build_schedule(case["schedule"], world, case["microbatches"])
     dim, mb_size, seq = case["dim"], case["mb_size"], case["seq"]
@@ -146,7 +148,7 @@ def measure_worker(rank: int, world: int, case: dict) -> dict:
 
 
 def measure(pp: int, name: str, m: int, steps: int) -> dict:
-    from dsv3.parallel.pipeline.testing import run_ranks
+    from tests.parallel.distributed_testing import run_ranks
 
     case = dict(schedule=name, microbatches=m, dim=256, mb_size=8, seq=32, layers=8,
                 warmup=1, steps=steps)

@@ -27,11 +27,12 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dsv3.config.precision import autocast as precision_autocast, compute_dtype  # noqa: E402
 from dsv3.config.schema import DataConfig, Fp8Config, ModelConfig  # noqa: E402
 from dsv3.data import GlobalSampler, PackedDataset, shard_directory  # noqa: E402
 from dsv3.kernels.ops import resolve_grouped_gemm_impl  # noqa: E402
 from dsv3.model import Transformer, init_weights  # noqa: E402
-from dsv3.model.hf_format import hf_config, to_hf_state_dict  # noqa: E402
+from dsv3.model.step_aux import StepAux  # noqa: E402
 from dsv3.train.optim import AdamW, parameter_groups  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,16 +77,10 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * params + 3 * attn_core
 
 
-def autocast_for(device: torch.device, precision: str):
-    """The trainer's rule: bf16 autocast for bf16, and for fp8 on a GPU (what stays out of FP8 is BF16)."""
-    on = precision == "bf16" or (precision == "fp8" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
-
-
 class OursStep:
     def __init__(self, cfg: ModelConfig, seed: int, device: torch.device = torch.device("cpu"),
                  precision: str = "fp32"):
-        compute = torch.bfloat16 if precision in ("bf16", "fp8") and device.type == "cuda" else torch.float32
+        compute = compute_dtype(precision, device.type)
         impl = resolve_grouped_gemm_impl("auto", device, compute)
         self.model = Transformer(cfg, grouped_gemm=impl)
         init_weights(self.model, seed, cfg.init_std)
@@ -96,14 +91,12 @@ class OursStep:
             fp8_impl = resolve_grouped_gemm_impl("auto", device, compute, fp8=True)
             convert_to_fp8(self.model, Fp8Config(), fp8_impl, device)
             self.kernels = f"fp8 {fp8_impl}"
-        self.autocast = autocast_for(device, precision)
+        self.autocast = precision_autocast(precision, device.type)
         self.opt = AdamW(parameter_groups(self.model, 0.1), lr=1e-4, betas=(0.9, 0.95))
-        for moe in self.model.moe_layers():
-            moe.balance_loss_coeff = 1e-4
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         with self.autocast:
-            parts = self.model.losses(batch[:, :-1], batch[:, 1:])
+            parts = self.model.losses(batch[:, :-1], batch[:, 1:], aux=StepAux(balance_coeff=1e-4))
             loss = parts.main + (0.3 * torch.stack(parts.mtp).mean() if parts.mtp else 0)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -126,7 +119,7 @@ class HFStep:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 d, attn_implementation="sdpa", experts_implementation=experts_impl)
         self.model.to(device).train()
-        self.autocast = autocast_for(device, precision)
+        self.autocast = precision_autocast(precision, device.type)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                                      foreach=True)
 

@@ -2,9 +2,17 @@
 import logging
 import os
 import sys
+import time
 
+from dsv3 import exit_codes
 from dsv3.config import ConfigError, validate
 from dsv3.config.schema import Config
+
+# How long a rank other than 0 waits before reporting a config error itself. Every rank validates the
+# same config, so rank 0 usually fails alike and torchrun ends the others within this delay (it polls
+# its workers every 0.1 s): the line appears once. A rank that outlives it found an error rank 0 did
+# not (a file only its node lacks) and says so with its rank.
+_PEER_REPORT_DELAY_S = 3.0
 
 
 def setup_logging(run_dir: str | None = None) -> None:
@@ -19,11 +27,22 @@ def setup_logging(run_dir: str | None = None) -> None:
                         datefmt="%H:%M:%S")
 
 
+def exit_on_config_error(e: Exception) -> None:
+    """Print the one line of a config error (the key, the value and what is allowed) or of a checkpoint
+    that cannot be used, once per job, and exit 2."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(_PEER_REPORT_DELAY_S)
+        print(f"[rank {rank}] error: {e}", file=sys.stderr, flush=True)
+    sys.exit(exit_codes.BAD_INPUT)
+
+
 def validate_or_exit(cfg: Config) -> None:
-    """One line naming the key, the value and what is allowed, then exit 2 — before any work."""
+    """Validate before any work; a config error ends the process with exit code 2."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         validate(cfg, world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_on_config_error(e)

@@ -9,7 +9,9 @@
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
+import warnings
 
 import torch.distributed.checkpoint as dcp
 import yaml
@@ -18,6 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dsv3.model import Transformer  # noqa: E402
 from dsv3.model.hf_format import from_hf_state_dict, load_hf, model_config_from_hf  # noqa: E402
+from dsv3.train.manifest import write_manifest  # noqa: E402
+
+# DCP's note that it saves from a single process: it does.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def main(argv=None) -> int:
@@ -39,10 +45,23 @@ def main(argv=None) -> int:
     sd = from_hf_state_dict(cfg, tensors)
     model = Transformer(cfg)
     model.load_state_dict(sd, strict=True)
-    os.makedirs(args.out_dir, exist_ok=True)
-    dcp.save({"model": model.state_dict()}, checkpoint_id=args.out_dir)
-    with open(os.path.join(args.out_dir, "config.yaml"), "w") as f:
+    if os.path.exists(args.out_dir) and os.listdir(args.out_dir):
+        print(f"error: {args.out_dir} exists and is not empty", file=sys.stderr)
+        return 2
+    # Written under a temporary name, with a manifest, and renamed: a checkpoint like the trainer's.
+    out = os.path.abspath(args.out_dir)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=tmp)
+    with open(os.path.join(tmp, "config.yaml"), "w") as f:
         yaml.safe_dump({"model": dataclasses.asdict(cfg)}, f, sort_keys=False)
+    if os.path.isfile(os.path.join(args.hf_dir, "tokenizer.json")):  # carried along for a later export
+        shutil.copyfile(os.path.join(args.hf_dir, "tokenizer.json"), os.path.join(tmp, "tokenizer.json"))
+    write_manifest(tmp)
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked above)
+    os.replace(tmp, out)
     print(f"wrote {args.out_dir}; model config:")
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     return 0

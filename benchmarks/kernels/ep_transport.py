@@ -19,11 +19,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+# the checkout: dsv3, and the multi-process launcher of the tests
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "docs", "kernels.md")
 BEGIN = "<!-- ep-transport-table:begin (benchmarks/kernels/ep_transport.py --write-docs) -->"
 END = "<!-- ep-transport-table:end -->"
@@ -137,7 +140,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    from dsv3.parallel.pipeline.testing import run_ranks
+    from tests.parallel.distributed_testing import run_ranks
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ep", type=int, nargs="+", default=[2, 4])

@@ -1,4 +1,5 @@
-"""Configuration: the dataclass schema, its Hydra registration and the one validation function."""
+"""Configuration: the dataclass schema, its Hydra registration, and `validate`, which runs every package's
+config rules (the registry: `rules.py`)."""
 from dsv3.config.schema import (CheckpointConfig, Config, DataConfig, KernelsConfig, ModelConfig, OptimConfig,
                                 ParallelConfig, PrecisionConfig, TrainConfig)
 from dsv3.config.validate import ConfigError, validate

@@ -1,6 +1,7 @@
 """Config schema of post-training (R1): task families, rule rewards, cold-start SFT.
 
-Kept apart from `schema.py` (pretraining); `Config` holds them as `tasks`, `rewards` and `sft`."""
+Kept apart from `schema.py` (pretraining); `Config` holds them as `tasks`, `rewards` and `sft`. Their
+rules: dsv3/rl/config_rules.py."""
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -58,39 +59,3 @@ class SFTConfig:
     """Pack several examples per sequence (attention crosses example boundaries, as pretraining's
     packed documents do; each example's loss covers only its completion). false: one example per
     sequence, padded: no attention between examples, more padding."""
-
-
-def validate_post_training(cfg) -> None:
-    """The rules of the tasks, rewards and sft sections (called by dsv3.config.validate)."""
-    import os
-
-    from dsv3.config.errors import ConfigError
-    from dsv3.rl.tasks import FAMILIES, MAX_DIFFICULTY
-
-    t = cfg.tasks
-    for f in t.families:
-        if f not in FAMILIES:
-            raise ConfigError("tasks.families", t.families, f"{f!r} is not one of {', '.join(FAMILIES)}")
-    if not t.families:
-        raise ConfigError("tasks.families", t.families, "must name at least one family")
-    if not t.difficulties or any(not 1 <= d <= MAX_DIFFICULTY for d in t.difficulties):
-        raise ConfigError("tasks.difficulties", t.difficulties, f"must be levels in 1..{MAX_DIFFICULTY}")
-    if not 0 < t.held_out_fraction < 1:
-        raise ConfigError("tasks.held_out_fraction", t.held_out_fraction, "must be in (0, 1)")
-    from dsv3.rl.rewards import WeightedReward
-
-    try:
-        WeightedReward(cfg.rewards)
-    except ValueError as e:
-        raise ConfigError("rewards", [r.name for r in cfg.rewards], str(e)) from None
-    s = cfg.sft
-    if s.source not in ("tasks", "jsonl"):
-        raise ConfigError("sft.source", s.source, "must be one of tasks, jsonl")
-    if s.source == "jsonl" and not (s.path and os.path.isfile(s.path)):
-        raise ConfigError("sft.path", s.path, "must be an existing JSONL file when sft.source=jsonl")
-    if s.examples < 1:
-        raise ConfigError("sft.examples", s.examples, "must be >= 1")
-    if s.val_examples < 1:
-        raise ConfigError("sft.val_examples", s.val_examples, "must be >= 1")
-    if s.tokenizer is not None and not os.path.isfile(s.tokenizer):
-        raise ConfigError("sft.tokenizer", s.tokenizer, "must be an existing tokenizer.json")

@@ -1,7 +1,8 @@
 """The typed configuration tree. Every knob is a field here, with its type, default and meaning.
 
 Hydra composes `configs/` on top of these dataclasses (registered in `store.py`), so a misspelt key
-or a wrongly typed value fails at composition; cross-field rules live in `validate.py`.
+or a wrongly typed value fails at composition; cross-field rules live in each package's `config_rules.py`
+(registered in `rules.py`).
 Model field names follow DeepSeek's inference `ModelArgs` wherever a name exists there.
 """
 from dataclasses import dataclass, field
@@ -145,14 +146,32 @@ class Fp8Config:
 
 
 @dataclass
+class LossScaleConfig:
+    """Dynamic loss scaling of `precision.dtype=fp16` (dsv3/train/loss_scale.py): the loss is multiplied
+    by a scale S before the backward and the gradients divided by it before clipping; a step whose
+    gradients overflow is skipped and S halved, and S doubles after `growth_interval` good steps."""
+
+    init: float = 65536.0
+    """S at the start of a run (2^16, as torch.amp.GradScaler)."""
+    growth_interval: int = 1000
+    """Steps without overflow after which S doubles."""
+    min: float = 1.0
+    """S never goes below this; an overflow at the floor is divergence (train.on_nonfinite), not the scale's."""
+
+
+@dataclass
 class PrecisionConfig:
-    """Numeric format of the forward/backward computation."""
+    """Numeric format of the forward/backward computation (dsv3/train/precision.py). Parameters, their
+    gradients and the optimizer stay fp32 (master weights) in every format."""
 
     dtype: str = "fp32"
-    """fp32 | bf16 (autocast on GPU) | fp8 (DeepSeek-V3's fine-grained FP8 recipe: emulated in fp32 on CPU,
-    Triton E4M3 kernels on CUDA compute capability 8.9+; refused on older GPUs)."""
+    """fp32 | bf16 (autocast; CUDA needs compute capability 8.0+) | fp16 (autocast with dynamic loss
+    scaling, for GPUs without bf16: Turing, RTX 20xx) | fp8 (DeepSeek-V3's fine-grained FP8 recipe: emulated
+    in fp32 on CPU, Triton E4M3 kernels on CUDA compute capability 8.9+; refused on older GPUs)."""
     fp8: Fp8Config = field(default_factory=Fp8Config)
     """The FP8 recipe's options (read only when dtype=fp8)."""
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)
+    """fp16's loss scaling (read only when dtype=fp16)."""
 
 
 @dataclass
@@ -248,7 +267,18 @@ class TrainConfig:
     val_samples: int = 32
     """Held-out sequences per evaluation: the first ones of the validation split, whatever the plan."""
     resume: str = "auto"
-    """`auto`: continue from the latest complete checkpoint in `checkpoint.dir` if any; `none`; or a path."""
+    """`auto`: continue from the newest intact checkpoint in `checkpoint.dir` if any (a damaged one is
+    reported and skipped); `none`; or a path (exit 2 if it is damaged)."""
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Config keys or sections (`optim.lr`, `optim`) that may differ from the checkpoint's config when
+    resuming. The plan, run length, logging and checkpoint cadence may always change; the model's shapes
+    and the data never (see dsv3/train/resume.py)."""
+    on_nonfinite: str = "skip"
+    """A step whose loss or gradient norm is NaN/inf (on any rank) is not applied. `skip`: go on with the
+    next batch, stopping after `max_consecutive_skips` such steps in a row; `stop`: stop at the first.
+    Stopping saves nothing and exits with code 3."""
+    max_consecutive_skips: int = 3
+    """With on_nonfinite=skip: the number of non-finite steps in a row after which the run stops."""
     bias_update_speed: float = 0.001
     """Aux-loss-free balancing: gamma, the per-step bias adjustment (V3: 0.001, then 0)."""
     bias_update_stop_step: int = -1

@@ -130,7 +130,7 @@ class DocumentStream:
 
 class PackedDataset:
     def __init__(self, directory: str, split: str, seq_len: int, fim: Fim | None = None, documents: bool = False):
-        self.seq_len, self.documents = seq_len, documents
+        self.directory, self.seq_len, self.documents = directory, seq_len, documents
         self.stream = DocumentStream(directory, split, fim, documents)
         self.n = max(0, (len(self.stream) - 1) // seq_len)
         if self.n == 0:

@@ -13,10 +13,8 @@ def shard_directory(cfg: DataConfig, vocab_size: int, path: str | None = None) -
     """Where a corpus' shards are: prepared by the user (`path`, default data.path), or the embedded corpus
     (built on first use)."""
     directory = stdlib_shards(cfg, vocab_size) if cfg.source == "stdlib" else (path or cfg.path)
-    meta = read_meta(directory)
-    if meta["vocab_size"] > vocab_size:
-        raise ValueError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's vocabulary "
-                         f"({meta['vocab_size']}) of {directory}")
+    # dsv3/data/config_rules.py refuses a vocabulary larger than the model's before any work
+    assert read_meta(directory)["vocab_size"] <= vocab_size, (directory, vocab_size)
     return directory
 
 
@@ -35,9 +33,7 @@ def build_data(cfg: DataConfig, vocab_size: int, seed: int) -> tuple[Blend, Blen
         fim = None
         if cfg.fim_rate > 0:
             ids = read_meta(directory).get("fim_ids")
-            if not ids:
-                raise ValueError(f"data.fim_rate={cfg.fim_rate}: the tokenizer of {directory} has no FIM sentinels; "
-                                 "prepare the shards again with launch/prepare_data.py, which adds them")
+            assert ids, directory  # shards without FIM sentinels are refused by dsv3/data/config_rules.py
             fim = Fim(cfg.fim_rate, seed, c, *ids)
         train.append(PackedDataset(directory, "train", cfg.seq_len, fim, cfg.document_masks))
         val.append(PackedDataset(directory, "val", cfg.seq_len, None, cfg.document_masks))

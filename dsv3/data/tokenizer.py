@@ -12,12 +12,21 @@ _FIM_SPELLINGS = (FIM_TOKENS, ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<�
                   ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"))
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (EOS, *FIM_TOKENS)) -> Tokenizer:
+DEFAULT_SPECIAL_TOKENS = (EOS, *FIM_TOKENS)
+
+
+def min_bpe_vocab(n_special: int = len(DEFAULT_SPECIAL_TOKENS)) -> int:
+    """A byte-level BPE needs its 256 byte symbols, at least one merge, and its special tokens."""
+    return 257 + n_special
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int,
+              special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS) -> Tokenizer:
     """A byte-level BPE with `vocab_size` entries (256 byte symbols + merges + the special tokens)."""
     special_tokens = list(special_tokens)
-    if vocab_size < 257 + len(special_tokens):
+    if vocab_size < min_bpe_vocab(len(special_tokens)):
         raise ValueError(f"vocab_size={vocab_size}: a byte-level BPE with {len(special_tokens)} special tokens "
-                         f"needs at least {257 + len(special_tokens)} entries")
+                         f"needs at least {min_bpe_vocab(len(special_tokens))} entries")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -3,7 +3,7 @@
     summary = convert_to_fp8(model, cfg.precision.fp8, impl)   # impl: "reference" (CPU emulation) | "triton"
 
 `convert.py` swaps modules, `linear.py` / `swiglu.py` hold the FP8 autograd functions, `recipe.py` the
-shared choices, `validate.py` the config rules, `memory.py` the accounting of what backward keeps.
+shared choices, `config_rules.py` the config rules, `memory.py` the accounting of what backward keeps.
 """
 from dsv3.fp8.convert import Fp8Summary, convert_to_fp8, fp8_units
 from dsv3.fp8.linear import Fp8Linear, Fp8LinearFunction

@@ -28,9 +28,7 @@ class Fp8Recipe:
     amax_floor: float = DEFAULT_AMAX_FLOOR
 
     def __post_init__(self):
-        unknown = set(self.pow2_roles) - set(ROLES)
-        if unknown:
-            raise ValueError(f"precision.fp8.pow2_scales: unknown roles {sorted(unknown)}; allowed: {ROLES}")
+        assert set(self.pow2_roles) <= set(ROLES), self.pow2_roles  # validated: dsv3/fp8/config_rules.py
 
     @property
     def emulated(self) -> bool:
@@ -47,12 +45,11 @@ class Fp8Recipe:
 
 def backend_for(impl: str) -> ModuleType:
     """The kernel module of a resolved FP8 implementation (see `dsv3.kernels.ops.resolve_grouped_gemm_impl`)."""
-    if impl == "reference":
-        return reference
+    assert impl in FP8_IMPLS, impl  # resolved by resolve_grouped_gemm_impl(..., fp8=True)
     if impl == "triton":
         from dsv3.kernels import triton as triton_kernels
         return triton_kernels
-    raise ValueError(f"FP8 GEMM implementation {impl!r} is not one of {FP8_IMPLS}")
+    return reference
 
 
 def describe(recipe: Fp8Recipe, device: torch.device) -> str:

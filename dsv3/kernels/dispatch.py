@@ -1,7 +1,7 @@
 """Expert-parallel dispatch/combine on the `csrc/` kernels (extension module `dsv3._dispatch_ext`).
 
 T tokens, top-K routing `topk_idx [T, K]` (int64 expert ids, -1 for an unused slot), E experts split
-evenly and contiguously over R ranks: rank r owns experts r*E/R .. (r+1)*E/R - 1 (DESIGN.md §3).
+evenly and contiguously over R ranks: rank r owns experts r*E/R .. (r+1)*E/R - 1 (docs/architecture.md, section 4).
 
 Send buffer (dispatch), built by `permute(x, layout.send_token, layout.token_row)`:
   rows grouped by destination rank, rank r's segment ending at `rank_offsets[r]` and padded up to a

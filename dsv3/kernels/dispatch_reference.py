@@ -10,10 +10,9 @@ from __future__ import annotations
 import torch
 
 from dsv3.kernels.dispatch import DispatchLayout
-
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-4
-QUANT_GROUP = 128
+from dsv3.kernels.fp8_format import DEFAULT_AMAX_FLOOR as AMAX_FLOOR
+from dsv3.kernels.fp8_format import FP8_MAX
+from dsv3.kernels.fp8_format import TILE as QUANT_GROUP
 
 
 def _check_topk(topk_idx: torch.Tensor, n_experts: int, n_ranks: int) -> None:

@@ -22,6 +22,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0          # largest finite E4M3 value
 TILE = 128               # the report's quantization tile and promotion interval along K
 DEFAULT_AMAX_FLOOR = 1e-4  # keeps scales finite and non-zero on all-zero tiles (padding rows)
+FP8_MIN_CAPABILITY = (8, 9)  # E4M3 tensor cores: Ada (sm_89) and Hopper (sm_90) onwards
 
 
 class Fp8Tensor(NamedTuple):

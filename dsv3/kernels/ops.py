@@ -19,8 +19,8 @@ import os
 import torch
 
 from dsv3.kernels import reference
-from dsv3.kernels.experts import ExpertSwiGLUFP8Function, ExpertSwiGLUFunction, GroupedLinearFunction
-from dsv3.kernels.fp8_format import DEFAULT_AMAX_FLOOR
+from dsv3.kernels.experts import ExpertSwiGLUFunction, GroupedLinearFunction
+from dsv3.kernels.fp8_format import FP8_MIN_CAPABILITY
 
 GROUPED_GEMM_IMPLS = ("auto", "triton", "torch", "reference")
 FP8_GROUPED_GEMM_IMPLS = ("auto", "triton", "reference")
@@ -51,7 +51,7 @@ def _triton_problem(device: torch.device, dtype: torch.dtype, fp8: bool) -> str 
         # Not sm_75 either: Triton (3.9) compiles these kernels for Turing without tensor cores (no HMMA in
         # the SASS) and with thousands of spill stores; there the per-expert cuBLAS loop is the fast path.
         return f"{device} has compute capability {cap[0]}.{cap[1]}; the Triton grouped GEMMs need 8.0 or newer"
-    if fp8 and cap < (8, 9):
+    if fp8 and cap < FP8_MIN_CAPABILITY:
         return f"{device} has compute capability {cap[0]}.{cap[1]}; FP8 tensor cores need 8.9 (Ada) or newer"
     return None
 
@@ -68,7 +68,7 @@ def resolve_grouped_gemm_impl(impl: str, device: torch.device | str, dtype: torc
         if device.type != "cuda":
             return "reference" if fp8 else "torch"
         cap = _capability(device)
-        if fp8 and cap < (8, 9):
+        if fp8 and cap < FP8_MIN_CAPABILITY:
             raise ValueError(f"{what}='auto': {device} has compute capability {cap[0]}.{cap[1]}, FP8 GEMMs "
                              f"need 8.9 (Ada) or newer; train in bf16 on this GPU")
         problem = _triton_problem(device, dtype, fp8)
@@ -147,18 +147,3 @@ def expert_swiglu_mlp(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offs
         return ExpertSwiGLUFunction.apply(x, w13, w2, offsets, _triton_backend())
     h = reference.swiglu(grouped_linear(x, w13, offsets, impl))
     return grouped_linear(h, w2, offsets, impl)
-
-
-def expert_swiglu_mlp_fp8(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, offsets: torch.Tensor,
-                          impl: str = "triton", *, pow2_scales: bool = False,
-                          amax_floor: float = DEFAULT_AMAX_FLOOR) -> torch.Tensor:
-    """`expert_swiglu_mlp` with FP8 Fprop/Dgrad/Wgrad (fine-grained scales, see `experts.py`).
-    Weights stay in high precision (the masters) and are quantized on every call; the output and
-    dx have x's dtype. impl: "triton" (E4M3 tensor cores) or "reference" (exact emulation)."""
-    if impl == "triton":
-        backend = _triton_backend()
-    elif impl == "reference":
-        backend = reference
-    else:
-        raise ValueError(f"expert_swiglu_mlp_fp8: implementation {impl!r} is not one of ('triton', 'reference')")
-    return ExpertSwiGLUFP8Function.apply(x, w13, w2, offsets, backend, pow2_scales, amax_floor)

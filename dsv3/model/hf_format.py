@@ -15,17 +15,42 @@ import torch
 from dsv3.config.schema import ModelConfig
 from dsv3.model.rope import yarn_enabled
 
+# Our key inside one transformer block -> HF's inside one decoder layer, for every non-expert weight.
+# Written once; the import reads it backwards. (Routed experts are 3-D here, per expert in HF: below.)
 _ATTN = {"wq": "q_proj", "wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj",
          "wkv_a": "kv_a_proj_with_mqa", "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj", "wo": "o_proj"}
 _FFN = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_ATTN_INV = {v: k for k, v in _ATTN.items()}
-_FFN_INV = {v: k for k, v in _FFN.items()}
+BLOCK_KEYS = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+              **{f"attn.{a}.weight": f"self_attn.{b}.weight" for a, b in _ATTN.items()},
+              **{f"ffn.{a}.weight": f"mlp.{b}.weight" for a, b in _FFN.items()},
+              **{f"ffn.shared_experts.{a}.weight": f"mlp.shared_experts.{b}.weight" for a, b in _FFN.items()},
+              "ffn.gate.weight": "mlp.gate.weight", "ffn.gate.bias": "mlp.gate.e_score_correction_bias"}
+# The whole model's own weights, and an MTP module's besides its block (`model.layers.{n_layers + k}.*`;
+# the MTP copies of the embedding and the head are written too, and read back from the model's own).
+MODEL_KEYS = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "head.weight": "lm_head.weight"}
+MTP_KEYS = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight", "eh_proj.weight": "eh_proj.weight",
+            "norm.weight": "shared_head.norm.weight"}
+_EXPERT_KEY = re.compile(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _inverse(keys: dict[str, str]) -> dict[str, str]:
+    return {theirs: ours for ours, theirs in keys.items()}
+
+
+def export_problems(cfg: ModelConfig) -> list[str]:
+    """Why `cfg` has no equivalent DeepseekV3ForCausalLM (empty: it has one)."""
+    problems = []
+    if cfg.score_func != "sigmoid":
+        problems.append(f"model.score_func={cfg.score_func!r}: HF's DeepseekV3 only has sigmoid routing")
+    return problems
 
 
 def hf_config(cfg: ModelConfig, **extra) -> dict:
     """The config.json of a DeepseekV3ForCausalLM equivalent to `cfg`."""
-    if cfg.score_func != "sigmoid":
-        raise ValueError(f"model.score_func={cfg.score_func!r}: HF's DeepseekV3 only has sigmoid routing")
+    problems = export_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
     if yarn_enabled(cfg):
         rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
                 "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
@@ -79,28 +104,6 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def _block_to_hf(ours: str) -> str:
-    """Key inside one block ('attn.wq_a.weight') -> HF key inside one decoder layer."""
-    head, _, rest = ours.partition(".")
-    if head == "attn_norm":
-        return "input_layernorm." + rest
-    if head == "ffn_norm":
-        return "post_attention_layernorm." + rest
-    if head == "attn":
-        name, _, tail = rest.partition(".")
-        return f"self_attn.{_ATTN[name]}.{tail}"
-    if head == "ffn":
-        part, _, tail = rest.partition(".")
-        if part in _FFN:
-            return f"mlp.{_FFN[part]}.{tail}"
-        if part == "gate":
-            return "mlp.gate." + {"weight": "weight", "bias": "e_score_correction_bias"}[tail]
-        if part == "shared_experts":
-            name, _, tail2 = tail.partition(".")
-            return f"mlp.shared_experts.{_FFN[name]}.{tail2}"
-    raise KeyError(f"no HF name for block key {ours!r}")
-
-
 def _expert_tensors_to_hf(prefix: str, name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
     out = {}
     for e in range(w.shape[0]):
@@ -119,14 +122,13 @@ def _block_to_hf_dict(prefix: str, block: dict[str, torch.Tensor]) -> dict[str, 
         if key.startswith("ffn.experts."):
             out.update(_expert_tensors_to_hf(prefix, key.rsplit(".", 1)[1], t))
         else:
-            out[prefix + _block_to_hf(key)] = t
+            out[prefix + BLOCK_KEYS[key]] = t
     return out
 
 
 def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our full (unsharded) state dict -> HF DeepseekV3ForCausalLM keys, MTP as model.layers.{n_layers+k}."""
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["head.weight"]}
+    out = {theirs: sd[ours] for ours, theirs in MODEL_KEYS.items()}
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         out.update(_block_to_hf_dict(f"model.layers.{i}.", {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}))
@@ -134,37 +136,20 @@ def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
         p, q = f"mtp.{k}.", f"model.layers.{cfg.n_layers + k}."
         block = {key[len(p + "block."):]: v for key, v in sd.items() if key.startswith(p + "block.")}
         out.update(_block_to_hf_dict(q, block))
-        out.update({q + "enorm.weight": sd[p + "enorm.weight"], q + "hnorm.weight": sd[p + "hnorm.weight"],
-                    q + "eh_proj.weight": sd[p + "eh_proj.weight"], q + "shared_head.norm.weight": sd[p + "norm.weight"],
-                    q + "shared_head.head.weight": sd["head.weight"], q + "embed_tokens.weight": sd["embed.weight"]})
+        out.update({q + theirs: sd[p + ours] for ours, theirs in MTP_KEYS.items()})
+        out.update({q + "shared_head.head.weight": sd["head.weight"], q + "embed_tokens.weight": sd["embed.weight"]})
     # safetensors refuses tensors that share memory (the MTP copies of embedding and head, expert halves).
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
 
 
-def _hf_block_to_ours(hf_key: str) -> str:
-    """Inverse of `_block_to_hf` for non-expert keys."""
-    for ours_norm, hf_norm in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
-        if hf_key.startswith(hf_norm + "."):
-            return ours_norm + hf_key[len(hf_norm):]
-    group, name, tail = hf_key.split(".", 2)
-    if group == "self_attn":
-        return f"attn.{_ATTN_INV[name]}.{tail}"
-    if name == "gate":
-        return "ffn.gate." + {"weight": "weight", "e_score_correction_bias": "bias"}[tail]
-    if name == "shared_experts":
-        sub, _, tail2 = tail.partition(".")
-        return f"ffn.shared_experts.{_FFN_INV[sub]}.{tail2}"
-    return f"ffn.{_FFN_INV[name]}.{tail}"
-
-
 def _hf_block_to_ours_dict(block: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    out, experts = {}, {}
+    ours, out, experts = _inverse(BLOCK_KEYS), {}, {}
     for key, t in block.items():
-        m = re.match(r"mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
+        m = _EXPERT_KEY.match(key)
         if m:
             experts[(int(m.group(1)), m.group(2))] = t
         else:
-            out[_hf_block_to_ours(key)] = t
+            out[ours[key]] = t
     if experts:
         out["ffn.experts.w13"] = torch.stack([torch.cat([experts[(e, "gate_proj")], experts[(e, "up_proj")]])
                                               for e in range(n_experts)])
@@ -174,8 +159,8 @@ def _hf_block_to_ours_dict(block: dict[str, torch.Tensor], n_experts: int) -> di
 
 def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF keys (with or without MTP layers) -> our state dict. MTP weights missing from `hf` stay missing."""
-    sd = {"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-          "head.weight": hf["lm_head.weight"]}
+    sd = {ours: hf[theirs] for ours, theirs in MODEL_KEYS.items()}
+    mtp_own = _inverse(MTP_KEYS)
     for i in range(cfg.n_layers + cfg.mtp_depth):
         p = f"model.layers.{i}."
         block = {k[len(p):]: v for k, v in hf.items() if k.startswith(p)}
@@ -183,12 +168,10 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[st
             sd.update({f"layers.{i}.{k}": v for k, v in _hf_block_to_ours_dict(block, cfg.n_routed_experts).items()})
         elif block:
             q = f"mtp.{i - cfg.n_layers}."
-            extra = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
-                     "eh_proj.weight": "eh_proj.weight", "shared_head.norm.weight": "norm.weight"}
-            body = {k: v for k, v in block.items() if k.split(".")[0] not in ("enorm", "hnorm", "eh_proj",
-                                                                             "shared_head", "embed_tokens")}
+            copies = ("shared_head.head.weight", "embed_tokens.weight")  # the model's own embedding and head
+            body = {k: v for k, v in block.items() if k not in mtp_own and k not in copies}
             sd.update({q + "block." + k: v for k, v in _hf_block_to_ours_dict(body, cfg.n_routed_experts).items()})
-            sd.update({q + ours: block[theirs] for theirs, ours in extra.items()})
+            sd.update({q + mtp_own[theirs]: block[theirs] for theirs in mtp_own})
     return sd
 
 
@@ -225,12 +208,16 @@ def save_hf(out_dir: str, cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: 
         json.dump(hf_config(cfg, **{"torch_dtype": dtype_name, **config_extra}), f, indent=2)
 
 
+def read_hf_config(hf_dir: str) -> dict:
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        return json.load(f)
+
+
 def load_hf(hf_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config.json dict, all tensors) of an HF directory, single-file or sharded."""
     from safetensors.torch import load_file
 
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        config = json.load(f)
+    config = read_hf_config(hf_dir)
     files = sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors"))
     if not files:
         raise FileNotFoundError(f"{hf_dir}: no *.safetensors files")

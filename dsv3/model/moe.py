@@ -5,12 +5,15 @@ The routed experts always run grouped: (token, k) pairs are sorted by expert by 
 and all experts are computed by one grouped GEMM per projection. The default dispatcher is local;
 an expert-parallel plan swaps in one that exchanges rows between ranks. The model never knows which.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config.schema import ModelConfig
 from dsv3.kernels import ops
+from dsv3.model.step_aux import StepAux
 
 
 class FeedForward(nn.Module):
@@ -39,8 +42,6 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         # b_i of aux-loss-free balancing: adjusted by the trainer after each step, never by gradients.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
-        # Tokens routed to each expert since the trainer last read it (training forwards only).
-        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, dim] -> (weights [T, K] fp32, expert indices [T, K], scores [T, E] fp32)."""
@@ -59,8 +60,6 @@ class Gate(nn.Module):
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights * self.route_scale
-        if self.training and torch.is_grad_enabled():
-            self.expert_load += torch.bincount(indices.flatten(), minlength=self.expert_load.numel())
         return weights, indices, scores
 
 
@@ -157,20 +156,21 @@ class MoE(nn.Module):
         self.shared_experts = (FeedForward(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim)
                                if cfg.n_shared_experts > 0 else None)
         self.dispatcher = LocalTokenDispatcher(cfg.n_routed_experts)
-        # alpha times the loss scale of the current micro-batch; set by the trainer. 0 = no balance loss.
-        self.balance_loss_coeff = 0.0
-        self.last_balance_loss = torch.zeros(())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux: Optional[StepAux] = None) -> torch.Tensor:
+        """x [B, S, dim] -> [B, S, dim]. With `aux` (training forwards): count the tokens per expert
+        and, when aux.balance_coeff > 0, add the balance loss to the objective."""
         B, S, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
+        if aux is not None:
+            aux.loads[self] = torch.bincount(indices.flatten(), minlength=scores.shape[-1]).float()
         rows, offsets, state = self.dispatcher.dispatch(flat, indices)
         y = self.dispatcher.combine(self.experts(rows, offsets), weights, state)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        if self.training and self.balance_loss_coeff > 0 and torch.is_grad_enabled():
-            aux = sequence_balance_loss(scores, indices, B, self.n_activated)
-            self.last_balance_loss = aux.detach()
-            y = _AttachAuxLoss.apply(y, aux, self.balance_loss_coeff)
+        if aux is not None and aux.balance_coeff > 0 and torch.is_grad_enabled():
+            balance = sequence_balance_loss(scores, indices, B, self.n_activated)
+            aux.balance.append(balance.detach())
+            y = _AttachAuxLoss.apply(y, balance, aux.balance_coeff * aux.grad_scale)
         return y.view(B, S, D)

@@ -5,6 +5,7 @@ Layers live in a ModuleDict keyed by their global index, so parameter names ("la
 are the same whether a pipeline stage holds all layers or a slice of them.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from dsv3.model.mla import MLA, document_mask
 from dsv3.model.moe import FeedForward, MoE
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
+from dsv3.model.step_aux import StepAux
 
 
 class Block(nn.Module):
@@ -23,13 +25,14 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = MLA(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = (FeedForward(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers
-                    else MoE(cfg, grouped_gemm))
+        self.is_moe = layer_id >= cfg.n_dense_layers
+        self.ffn = MoE(cfg, grouped_gemm) if self.is_moe else FeedForward(cfg.dim, cfg.inter_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, aux: Optional[StepAux] = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.ffn(self.ffn_norm(x))
+        h = self.ffn_norm(x)
+        return x + (self.ffn(h, aux) if self.is_moe else self.ffn(h))
 
 
 class MTPModule(nn.Module):
@@ -48,13 +51,13 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # before the shared output head
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin, mask)
+                mask: torch.Tensor | None = None, aux: Optional[StepAux] = None) -> torch.Tensor:
+        return self.block(self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1)), cos, sin, mask, aux)
 
 
 @dataclass
 class LossParts:
-    """Unweighted training losses of one micro-batch; the trainer applies lambda (and alpha is in the MoE)."""
+    """Unweighted training losses of one micro-batch; the trainer applies lambda (alpha: `StepAux`)."""
 
     main: torch.Tensor
     mtp: list[torch.Tensor]
@@ -70,37 +73,40 @@ class Transformer(nn.Module):
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg, grouped_gemm) for k in range(cfg.mtp_depth))
         self.rope = RotaryEmbedding(cfg)
-        # None: a loss is the mean CE over the labels that count (label -100 never counts). A number: the
-        # sum divided by it, set by a trainer whose micro-batches count different numbers of labels (SFT's
-        # completion-only loss), so that the step's loss is the mean over every counted label of the batch.
-        self.loss_normalizer: float | None = None
 
-    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None,
+               aux: Optional[StepAux] = None) -> torch.Tensor:
         """tokens [B, S] -> last hidden state [B, S, dim] before the final norm. `documents` [B, S]: the
-        document number of each token, to keep attention inside documents; None: causal over the sequence."""
+        document number of each token, to keep attention inside documents; None: causal over the sequence.
+        `aux`: what a training forward needs and reports besides (see StepAux)."""
         cos, sin = self.rope(tokens.shape[1])
         mask = None if documents is None else document_mask(documents)
         h = self.embed(tokens)
         for layer in self.layers.values():
-            h = layer(h, cos, sin, mask)
+            h = layer(h, cos, sin, mask, aux)
         return h
 
     def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> next-token logits [B, S, vocab]."""
         return self.head(self.norm(self.hidden(tokens, documents)))
 
-    def losses(self, tokens: torch.Tensor, labels: torch.Tensor, documents: torch.Tensor | None = None) -> LossParts:
+    def losses(self, tokens: torch.Tensor, labels: torch.Tensor, documents: torch.Tensor | None = None,
+               aux: Optional[StepAux] = None) -> LossParts:
         """Cross-entropy of the main head and of every MTP depth. labels[:, i] is the token after tokens[:, i].
 
         Depth k predicts the token k+1 ahead; its sequence is cut by k at the end, where that token is unknown."""
-        h = self.hidden(tokens, documents)
-        return LossParts(self.main_loss(h, labels), self.mtp_losses(h, tokens, labels, documents))
+        h = self.hidden(tokens, documents, aux)
+        return LossParts(self.main_loss(h, labels, aux), self.mtp_losses(h, tokens, labels, documents, aux))
 
-    def main_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(self.head(self.norm(h)), labels, self.loss_normalizer)
+    def main_loss(self, h: torch.Tensor, labels: torch.Tensor, aux: Optional[StepAux] = None) -> torch.Tensor:
+        """CE over the labels that count (label -100 never does): their mean, or their sum divided by
+        `aux.loss_normalizer` (a trainer whose micro-batches count different numbers of labels, SFT's
+        completion-only loss, so that the step's loss is the mean over every counted label of the batch)."""
+        return cross_entropy(self.head(self.norm(h)), labels, aux.loss_normalizer if aux is not None else None)
 
     def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                   documents: torch.Tensor | None = None, start: int = 0) -> list[torch.Tensor]:
+                   documents: torch.Tensor | None = None, aux: Optional[StepAux] = None,
+                   start: int = 0) -> list[torch.Tensor]:
         """`h` holds positions start.. of the sequences `tokens`/`labels` (all of them unless a caller runs a
         sequence in segments): depth k predicts from the positions whose token k+1 ahead is known."""
         losses = []
@@ -109,9 +115,9 @@ class Transformer(nn.Module):
             cos, sin = self.rope(start + length)
             cos, sin = cos[start:], sin[start:]
             mask = None if documents is None else document_mask(documents[:, :length])
-            h = module(h[:, :length], self.embed(tokens[:, start + k:start + k + length]), cos, sin, mask)
+            h = module(h[:, :length], self.embed(tokens[:, start + k:start + k + length]), cos, sin, mask, aux)
             losses.append(cross_entropy(self.head(module.norm(h)), labels[:, start + k:start + k + length],
-                                        self.loss_normalizer))
+                                        aux.loss_normalizer if aux is not None else None))
         return losses
 
     def moe_layers(self) -> list[MoE]:

@@ -1,5 +1,5 @@
 """Expert parallelism: the token dispatcher that exchanges (token, expert) rows between the ranks of an
-EP group, so that every rank runs only its own contiguous slice of the routed experts (DESIGN.md §3).
+EP group, so that every rank runs only its own contiguous slice of the routed experts (docs/architecture.md, section 4).
 
     dispatch: layout (csrc)  ->  counts exchange  ->  rows to the ranks of their experts (FP8 with the
               FP8 recipe), with their local expert ids  ->  regroup expert-major, padded per expert
@@ -30,14 +30,14 @@ import torch
 import torch.distributed as dist
 
 from dsv3.kernels import dispatch as kernels
-from dsv3.kernels.dispatch_reference import QUANT_GROUP
+from dsv3.kernels.fp8_format import TILE
 from dsv3.kernels.fp8_format import Fp8Tensor, attach_fp8
 from dsv3.parallel.ep_transport import AllToAllTransport, Gather, GatherFp8, Reduce, Splits, Transport
 
 
 def dequantize_1x128(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x = q * scale per 1x128 tile along the hidden dim (the last tile may be narrower)."""
-    full = scales.repeat_interleave(QUANT_GROUP, dim=1)
+    full = scales.repeat_interleave(TILE, dim=1)
     return (q.float() * full[:, :q.shape[1]]).to(dtype)
 
 

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from dsv3.model import Transformer
+from dsv3.model.step_aux import StepAux, add_loads
 from dsv3.parallel.overlap import Communicator
 
 # (tokens [b, S], labels [b, S], the tokens' document numbers [b, S] with data.document_masks, else None)
@@ -28,21 +29,25 @@ class LocalRunner:
         self.model, self.device, self.comm = model, device, comm
 
     def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
-                   autocast: AbstractContextManager) -> torch.Tensor:
+                   aux: StepAux, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
         """Forward and backward of micro-batches 0..n_micro-1, each loss scaled by 1/n_micro (gradients
-        accumulate in `.grad`). Returns this rank's [main CE, MTP CE, balance loss] means."""
+        accumulate in `.grad`; each forward gets `aux.fresh()`: the step's balance-loss coefficient and
+        loss normalizer). Returns this rank's [main CE, MTP CE, balance loss] means and the step's expert
+        counts per MoE layer."""
         model = self.model
         model.train()
-        moes = model.moe_layers()
+        loads: dict = {}
 
         def forward(j: int) -> tuple[torch.Tensor, torch.Tensor]:
             tokens, labels, documents = micro_batch(j)
+            mine = aux.fresh()  # this forward's own: the overlap runs two forwards at once
             with autocast:
-                parts = model.losses(tokens, labels, documents)
+                parts = model.losses(tokens, labels, documents, mine)
             mtp = torch.stack(parts.mtp).mean() if parts.mtp else torch.zeros((), device=tokens.device)
-            balance = sum((m.last_balance_loss.to(self.device) for m in moes), torch.zeros((), device=self.device))
-            logged = torch.stack([parts.main.detach().float(), mtp.detach().float(), balance]) / n_micro
-            return (parts.main + mtp_weight * mtp) / n_micro, logged
+            add_loads(loads, mine.loads)
+            logged = torch.stack([parts.main.detach().float(), mtp.detach().float(),
+                                  mine.balance_sum(self.device)]) / n_micro
+            return (parts.main + mtp_weight * mtp) / n_micro * mine.grad_scale, logged
 
         sums = torch.zeros(3, device=self.device)
         if self.comm is None or not self.comm.overlap:
@@ -50,7 +55,7 @@ class LocalRunner:
                 loss, logged = forward(j)
                 loss.backward()
                 sums += logged
-            return sums
+            return sums, loads
         loss, logged = forward(0)
         for j in range(1, n_micro):
             ahead: dict = {}
@@ -59,7 +64,7 @@ class LocalRunner:
             sums += logged
             loss, logged = ahead["out"]
         loss.backward()
-        return sums + logged
+        return sums + logged, loads
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],

@@ -1,4 +1,4 @@
-"""The dsv3 Transformer cut into pipeline stages (DESIGN.md §1: stages are slices of one module list).
+"""The dsv3 Transformer cut into pipeline stages (stages are slices of one module list: docs/architecture.md).
 
 Every rank builds and initializes the whole model (init is by global name), then `cut_model` keeps
 the modules of the stages the schedule puts on it and deletes the others. Parameter names stay
@@ -21,6 +21,7 @@ from torch import nn
 
 from dsv3.model import Transformer
 from dsv3.model.moe import MoE
+from dsv3.model.step_aux import StepAux, add_loads
 from dsv3.parallel.pipeline.executor import Stage
 from dsv3.parallel.pipeline.partition import n_stages, partition_layers, rank_stages
 
@@ -69,26 +70,33 @@ class StageLayout:
 @dataclass
 class StepContext:
     """Shared by this rank's stage modules: what the trainer sets for a step (the precision context
-    of the forwards, lambda) and what the stages record in its training forwards (the main and MTP
-    cross-entropies on the last stage, the balance losses of the MoE layers each stage ran)."""
+    of the forwards, lambda, the `StepAux` inputs) and what the stages record in its training forwards
+    (the main and MTP cross-entropies on the last stage, the balance losses and expert counts of the
+    MoE layers each stage ran, from the `StepAux` each forward is handed)."""
 
     autocast: AbstractContextManager = field(default_factory=nullcontext)
     mtp_weight: float = 0.0
+    aux: StepAux = field(default_factory=StepAux)
     start: int = 0                # position of the chunk's first token in its sequences (Seq1F1B's segments)
     main: list[torch.Tensor] = field(default_factory=list)
     mtp: list[torch.Tensor] = field(default_factory=list)
     balance: list[torch.Tensor] = field(default_factory=list)
+    loads: dict[MoE, torch.Tensor] = field(default_factory=dict)
 
     def clear(self) -> None:
         self.main.clear()
         self.mtp.clear()
         self.balance.clear()
+        self.loads = {}
 
+    def forward_aux(self, module: nn.Module) -> StepAux | None:
+        """A fresh StepAux for a training forward of `module` (None otherwise: nothing to record)."""
+        return self.aux.fresh() if module.training and torch.is_grad_enabled() else None
 
-def _balance_loss(moes: list[MoE], device: torch.device) -> torch.Tensor:
-    if not moes:
-        return torch.zeros((), device=device)
-    return torch.stack([m.last_balance_loss.to(device, torch.float32) for m in moes]).sum()
+    def record(self, aux: StepAux | None, device: torch.device) -> None:
+        if aux is not None:
+            self.balance.append(aux.balance_sum(device))
+            add_loads(self.loads, aux.loads)
 
 
 class StageBody(nn.Module):
@@ -100,19 +108,18 @@ class StageBody(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layers})
         self.rope = model.rope
         self.ctx = ctx
-        self.moes = [m for m in self.layers.modules() if isinstance(m, MoE)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Transformer.hidden, restricted to this stage's layers
+        aux = self.ctx.forward_aux(self)
         with self.ctx.autocast:
             h = self.embed(x) if self.embed is not None else x
             start = self.ctx.start
             cos, sin = self.rope(start + h.shape[1])
             cos, sin = cos[start:], sin[start:]
             for layer in self.layers.values():
-                h = layer(h, cos, sin)
-        if self.training and torch.is_grad_enabled():
-            self.ctx.balance.append(_balance_loss(self.moes, h.device))
+                h = layer(h, cos, sin, aux=aux)
+        self.ctx.record(aux, h.device)
         return h
 
 
@@ -126,32 +133,32 @@ class HeadLoss(nn.Module):
         self.norm, self.head, self.mtp, self.embed = model.norm, model.head, model.mtp, model.embed
         self._model = [model]   # the model's own loss code (not a submodule: its other stages are not ours)
         self.ctx = ctx
-        self.moes = [m for m in self.mtp.modules() if isinstance(m, MoE)]
 
     def forward(self, h: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`h` holds positions ctx.start.. of the sequences `target` = (tokens, labels): all of them, or a
         Seq1F1B segment of L. A segment's losses are weighed so that their mean over the sequence's N
         segments is the sequence's: a mean CE (every label counts, pretraining) as it is for the main
         head (N equal parts), and times (its positions) * N / (the sequence's S-k) for MTP depth k (the
-        last segment has k fewer); a CE summed over the counted labels and divided by the model's
+        last segment has k fewer); a CE summed over the counted labels and divided by the StepAux's
         `loss_normalizer` (SFT) times N."""
         tokens, labels = target
         model, start, length, seq = self._model[0], self.ctx.start, h.shape[1], tokens.shape[1]
+        aux = self.ctx.forward_aux(self)
         with self.ctx.autocast:
-            main = model.main_loss(h, labels[:, start:start + length])
-            mtp_losses = model.mtp_losses(h, tokens, labels, start=start)
+            main = model.main_loss(h, labels[:, start:start + length], aux)
+            mtp_losses = model.mtp_losses(h, tokens, labels, aux=aux, start=start)
         if length < seq:
             n = seq // length
-            if model.loss_normalizer is not None:
+            if aux is not None and aux.loss_normalizer is not None:
                 main, mtp_losses = main * n, [x * n for x in mtp_losses]
             else:
                 mtp_losses = [x * (min(length, seq - k - start) * n / (seq - k)) for k, x in enumerate(mtp_losses, 1)]
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else torch.zeros((), device=h.device)
-        if self.training and torch.is_grad_enabled():
+        if aux is not None:
             self.ctx.main.append(main.detach().float())
             self.ctx.mtp.append(mtp.detach().float())
-            self.ctx.balance.append(_balance_loss(self.moes, h.device))
-        return main + self.ctx.mtp_weight * mtp
+        self.ctx.record(aux, h.device)
+        return (main + self.ctx.mtp_weight * mtp) * (aux.grad_scale if aux is not None else 1.0)
 
     def main_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The evaluation loss: next-token CE of the main head only."""

@@ -2,8 +2,9 @@
 
 Loss scale. The executor seeds each micro-batch's loss gradient with 1/m, which is the pp = 1
 trainer's `loss / n_micro`. The MoE balance losses do not pass through the executor: each MoE
-layer adds its own through an autograd side channel whose backward feeds `balance_loss_coeff`,
-and the trainer sets that to alpha / m, the same 1/m share (see dsv3/model/moe.py).
+layer adds its own through an autograd side channel whose backward feeds the coefficient of the
+`StepAux` its forward was handed (dsv3/model/step_aux.py), and the trainer passes alpha / m, the same
+1/m share.
 
 Overlap. With expert parallelism inside the stages, the plan passes its Communicator's `run_pair`
 as the executor's F&B hook: DualPipe's pairs then run the forward chunk's MoE all-to-alls while the
@@ -17,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from dsv3.model.moe import MoE
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.model_stages import HeadLoss, StepContext
 from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
 from dsv3.parallel.pipeline.schedule import Schedule
@@ -62,18 +63,19 @@ class PipelineRunner:
                 yield s.loss_fn
 
     def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
-                   autocast: AbstractContextManager) -> torch.Tensor:
+                   aux: StepAux, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
         """Forward and backward of the m micro-batches (gradients accumulate in `.grad`); the
-        stages' forwards run in `autocast`, the MTP losses weigh `mtp_weight`. `n_micro` is the
-        caller's m, which scaled the balance-loss coefficient: it must be the schedule's.
+        stages' forwards run in `autocast`, the MTP losses weigh `mtp_weight`, each forward gets
+        `aux.fresh()` (the balance-loss coefficient, the loss normalizer). `n_micro` is the caller's m,
+        which scaled that coefficient: it must be the schedule's.
 
         `micro_batch(j)` loads micro-batch j; it is called only for the micro-batches whose first
         or last stage runs here. Returns [main CE, MTP CE, balance loss] summed over what this rank
-        computed and divided by m: summed over the pipeline ranks it is the replica's mean."""
+        computed and divided by m (summed over the pipeline ranks it is the replica's mean), and the
+        expert counts of this rank's MoE layers over the step. Seq1F1B: the schedule's m micro-batches
+        are the n_micro micro-batches' segments."""
         m, n = self.schedule.microbatches, self.seq_chunks
-        if n_micro * n != m:
-            raise ValueError(f"the step has {n_micro} micro-batches but the {self.schedule.name} schedule "
-                             f"was built for parallel.microbatches={m // n}")
+        assert n_micro * n == m, (n_micro, n, m)  # no batch ramp with pp > 1 (dsv3/parallel/config_rules.py)
         inputs: list = [None] * m
         targets: list = [None] * m
         loaded: dict[int, MicroBatch] = {}
@@ -87,22 +89,16 @@ class PipelineRunner:
             mod.train()
         t = self.ctx
         t.clear()
-        t.autocast, t.mtp_weight = autocast, mtp_weight
-        # Seq1F1B: each segment's balance loss weighs 1/N of its micro-batch's (the caller set alpha / n_micro)
-        moes = [mod for module in self._modules() for mod in module.modules() if isinstance(mod, MoE)] if n > 1 else []
-        coeffs = [mod.balance_loss_coeff for mod in moes]
-        for mod in moes:
-            mod.balance_loss_coeff /= n
-        try:
-            self.executor.step(inputs, targets)
-        finally:
-            for mod, c in zip(moes, coeffs):
-                mod.balance_loss_coeff = c
+        if n > 1:   # Seq1F1B: each segment's balance loss weighs 1/N of its micro-batch's (alpha / n_micro)
+            aux = StepAux(aux.balance_coeff / n, aux.loss_normalizer, aux.grad_scale)
+        t.autocast, t.mtp_weight, t.aux = autocast, mtp_weight, aux
+        self.executor.step(inputs, targets)
         zero = torch.zeros((), device=self.device)
         # each schedule micro-batch's losses are a mean over the batch's sequences (segments: see HeadLoss)
         sums = torch.stack([torch.stack(xs).sum() if xs else zero for xs in (t.main, t.mtp, t.balance)]) / m
+        loads = t.loads
         t.clear()
-        return sums
+        return sums, loads
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],

@@ -2,7 +2,7 @@
 
     plan = build_plan(model, cfg, env)     # applies every dimension to the built model, from outside it
     plan.build_optimizer(cfg.optim)
-    parts = plan.train_step(micro_batch, n_micro, mtp_weight, autocast)   # forward + backward
+    parts, loads = plan.train_step(micro_batch, n_micro, mtp_weight, aux, autocast)  # forward + backward
     norm  = plan.reduce_and_clip(max_norm) # gradients of the global batch, global norm, clipping
     plan.optimizer_step(lr)
     plan.to_global / plan.to_local         # checkpoints: this rank's state <-> the plan-independent view
@@ -34,6 +34,7 @@ import torch.distributed as dist
 from dsv3.config.schema import Config, OptimConfig, ParallelConfig
 from dsv3.model import Transformer
 from dsv3.model.moe import MoE
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.expert_shards import ExpertShards
 from dsv3.parallel.layout import Layout, make_layout
 from dsv3.parallel.local_runner import LocalRunner, MicroBatch
@@ -85,12 +86,13 @@ class Plan:
 
     # -- the step ---------------------------------------------------------------------------------
     def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
-                   autocast: AbstractContextManager) -> torch.Tensor:
+                   aux: StepAux, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
         """Forward and backward of this replica's n_micro micro-batches (`micro_batch(j)` loads one:
-        tokens, labels, document numbers or None);
-        gradients accumulate in `.grad`. Returns [main CE, MTP CE, balance loss] of what this rank
-        computed (see `global_loss_parts`)."""
-        return self.runner.train_step(micro_batch, n_micro, mtp_weight, autocast)
+        tokens, labels, document numbers or None); gradients accumulate in `.grad`; every forward gets
+        `aux.fresh()`. Returns [main CE, MTP CE, balance loss] of what this rank computed (see
+        `global_loss_parts`) and the expert counts of its MoE layers (`StepAux.loads`, summed over the
+        step: see `sum_router_loads`)."""
+        return self.runner.train_step(micro_batch, n_micro, mtp_weight, aux, autocast)
 
     def global_loss_parts(self, parts: torch.Tensor) -> torch.Tensor:
         """This rank's `train_step` parts -> the global batch's means, on every rank: every (layer,
@@ -106,16 +108,22 @@ class Plan:
         return self.runner.eval_loss(tokens, labels, documents, autocast)
 
     @torch.no_grad()
-    def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
+    def reduce_and_clip(self, max_norm: float, grad_scale: float = 1.0) -> torch.Tensor:
         """Turn each rank's gradients into those of the global batch's mean loss; return the global
-        gradient norm and scale the gradients to at most `max_norm` when it is > 0."""
+        gradient norm and scale the gradients to at most `max_norm` when it is > 0. `grad_scale`: the
+        factor the backward put on every gradient (fp16's loss scale), divided out here, in the same
+        multiplication as the clipping; the norm returned is the unscaled one."""
         self.replicas.reduce_gradients(self.model.named_parameters())
         grads = {n: p.grad for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None}
         norms = {n: torch.linalg.vector_norm(g) for n, g in grads.items() if n not in self.experts.names}
         norms.update({n: s.sqrt() for n, s in self.experts.squared_norms(grads).items()})
-        total = torch.linalg.vector_norm(self._whole_model_vector(self.whole.param_index, norms))
+        total = torch.linalg.vector_norm(self._whole_model_vector(self.whole.param_index, norms)) / grad_scale
+        coeff = None
         if max_norm > 0:
             coeff = (max_norm / (total + 1e-6)).clamp(max=1.0)   # as torch.nn.utils.clip_grad_norm_
+        if grad_scale != 1.0:
+            coeff = (1.0 if coeff is None else coeff) / grad_scale
+        if coeff is not None:
             for g in grads.values():
                 g.mul_(coeff)
         return total

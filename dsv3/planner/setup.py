@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dsv3.config.precision import autocast_dtype
 from dsv3.config.schema import Config
 from dsv3.planner.activations import Chunk, Numerics
 
@@ -53,16 +54,16 @@ class PlanSetup:
 
 
 def numerics_for(cfg: Config, device: str) -> Numerics:
-    """How the trainer computes on `device`: BF16 autocast for bf16, and for fp8 on a GPU (what stays out of
-    FP8 runs in BF16 there; the CPU emulation runs it in fp32); the routed experts' kernel as
-    `kernels.grouped_gemm` resolves on that device (dsv3/kernels/ops.py)."""
+    """How the trainer computes on `device` (dsv3/config/precision.py): 16-bit autocast for bf16 and fp16,
+    and for fp8 on a GPU (what stays out of FP8 runs in BF16 there; the CPU emulation runs it in fp32); the
+    routed experts' kernel as `kernels.grouped_gemm` resolves on that device (dsv3/kernels/ops.py)."""
     dtype, impl = cfg.precision.dtype, cfg.kernels.grouped_gemm
     cuda = device == "cuda"
     if dtype == "fp8":
         experts = "triton" if cuda and impl in ("auto", "triton") else "reference"
     else:
         experts = ("triton" if cuda else "torch") if impl == "auto" else impl
-    return Numerics(autocast=dtype == "bf16" or (dtype == "fp8" and cuda), fp8=dtype == "fp8", experts=experts,
+    return Numerics(autocast=autocast_dtype(dtype, device) is not None, fp8=dtype == "fp8", experts=experts,
                     high_precision=tuple(cfg.precision.fp8.high_precision))
 
 

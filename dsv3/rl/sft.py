@@ -6,6 +6,7 @@ plan: each micro-batch's CE is summed and divided by (completion tokens of the g
 micro-batches), which the trainer's averaging over micro-batches and ranks turns into that mean.
 """
 import logging
+import os
 
 import torch
 
@@ -44,6 +45,10 @@ class SFTTrainer(Trainer):
 
     def _val_batch(self, indices: list[int]):
         return self._rows(self.val_data, indices)
+
+    def tokenizer_file(self) -> str:
+        """The extended tokenizer, which launch/sft.py writes next to the checkpoints."""
+        return os.path.join(self.cfg.checkpoint.dir, "tokenizer.json")
 
     def loss_normalizer(self, batch_size: int, n_micro: int) -> float:
         counted = self.train_data.label_count(self.sampler(self.state.consumed_samples, batch_size))

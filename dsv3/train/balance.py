@@ -8,25 +8,26 @@ from dsv3.model.moe import MoE
 
 
 @torch.no_grad()
-def update_router_biases(moe_layers: list[MoE], speed: float,
+def update_router_biases(moe_layers: list[MoE], loads: dict[MoE, torch.Tensor], speed: float,
                          all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
                          all_layers: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> dict[str, float]:
-    """Read and reset every router's counts (summed over ranks by `all_reduce`), apply b_i += gamma *
-    sign(mean load - load_i), and return load-balance figures of this step.
+    """Apply b_i += gamma * sign(mean load - load_i) to every router, with `loads` the step's expert
+    counts of each layer (`StepAux.loads` of the step's forwards; a layer that saw no token counts
+    zeros) summed over ranks by `all_reduce`, and return load-balance figures of this step.
 
     MaxVio = (max_i load_i - mean load) / mean load, per layer (Wang et al., 2024, the metric V3 reports),
     reported over the model's every MoE layer: `all_layers` maps this rank's per-layer values to those of
     all layers when a rank holds only some (pipeline stages)."""
     max_vio = torch.zeros(0)
     if moe_layers:
-        loads = torch.stack([moe.gate.expert_load for moe in moe_layers])  # [layers, experts]
+        counts = torch.stack([loads[m].float() if m in loads else torch.zeros_like(m.gate.bias)
+                              for m in moe_layers])  # [layers, experts]
         if all_reduce is not None:
-            all_reduce(loads)
-        mean = loads.mean(dim=1, keepdim=True)
-        for moe, load, m in zip(moe_layers, loads, mean):
+            all_reduce(counts)
+        mean = counts.mean(dim=1, keepdim=True)
+        for moe, load, m in zip(moe_layers, counts, mean):
             moe.gate.bias += speed * torch.sign(m - load)
-            moe.gate.expert_load.zero_()
-        max_vio = ((loads.max(dim=1).values - mean.squeeze(1)) / mean.squeeze(1).clamp_min(1e-9)).float()
+        max_vio = ((counts.max(dim=1).values - mean.squeeze(1)) / mean.squeeze(1).clamp_min(1e-9)).float()
     if all_layers is not None:  # collective: also on a rank without MoE layers
         max_vio = all_layers(max_vio)
     if max_vio.numel() == 0:

@@ -9,8 +9,11 @@ doubled, to use the range again. S is part of the run's state: it is saved in ch
 reported in the metrics.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from dsv3.config.schema import PrecisionConfig
 
 
 @dataclass
@@ -50,3 +53,11 @@ class DynamicLossScaler:
         self.scale = float(state["scale"])
         self.good_steps = int(state["good_steps"])
         self.skipped_steps = int(state["skipped_steps"])
+
+
+def loss_scaler(cfg: PrecisionConfig) -> Optional[DynamicLossScaler]:
+    """fp16's dynamic loss scaler (`precision.loss_scale`); None for the formats that need none."""
+    if cfg.dtype != "fp16":
+        return None
+    s = cfg.loss_scale
+    return DynamicLossScaler(scale=float(s.init), growth_interval=s.growth_interval, min_scale=float(s.min))

@@ -2,6 +2,7 @@
 Only the main rank writes."""
 import json
 import logging
+import math
 import os
 import time
 
@@ -36,11 +37,13 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **metrics, "time": round(time.time() - self._start, 3)}
+        # NaN/inf as null: metrics.jsonl stays valid JSON for every reader (a diverged step has a NaN loss)
+        record = {"step": step, **{k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                   for k, v in metrics.items()}, "time": round(time.time() - self._start, 3)}
         self._jsonl.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in metrics.items():
-                if isinstance(v, (int, float)):
+                if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
         if self._first_step is None:
             self._first_step, self._first_time = step, time.time()
@@ -61,6 +64,8 @@ class MetricsLogger:
             parts.append(f"a2a {1e3 * metrics['a2a_s']:.0f} ms ({1e3 * metrics['a2a_exposed_s']:.0f} exposed)")
         if eta == eta:
             parts.append(f"eta {format_duration(eta)}")
+        if metrics.get("skipped"):
+            parts.append("SKIPPED (non-finite)")
         log.info(" | ".join(parts))
 
     def close(self) -> None:

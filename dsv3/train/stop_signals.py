@@ -1,8 +1,11 @@
-"""Stop cleanly on SIGTERM / SIGUSR1: finish the step, save a checkpoint, exit (`checkpoint.on_signal`).
+"""Stop cleanly on SIGTERM / SIGUSR1 / SIGINT: finish the step, save a checkpoint, exit (`checkpoint.on_signal`).
 
-Preemption, `scancel` and SLURM's `--signal` deliver these to every process of a job (torchrun passes
-SIGTERM on to its workers), each at its own point of the step. Every rank only notes the signal; after
-each step the ranks agree on it in one tiny all-reduce, so all of them save the same step and leave.
+Preemption, `scancel` and SLURM's `--signal` deliver SIGTERM or SIGUSR1 to every process of a job
+(torchrun passes SIGTERM and SIGINT on to its workers), Ctrl-C delivers SIGINT; each process gets it
+at its own point of the step. Every rank only notes the signal; after each step the ranks agree on
+it in one tiny all-reduce, so all of them save the same step and leave. A second Ctrl-C abandons
+the step at once (KeyboardInterrupt): nothing is saved, and the last checkpoint is untouched, since a
+save becomes visible only by its final rename.
 """
 import signal
 import threading
@@ -10,7 +13,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopSignals:
@@ -33,6 +36,8 @@ class StopSignals:
         self._previous.clear()
 
     def _record(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the step
         self.received = signum
 
     def agreed(self, device: torch.device) -> int:

@@ -7,7 +7,6 @@ and each rank's share is weighted so that the gradients average to the whole bat
 The parallel plan (dsv3/parallel/plan.py) runs the step, reduces the gradients and maps checkpoints;
 the loop does not know which dimensions it is made of.
 """
-import contextlib
 import logging
 import os
 import signal
@@ -17,18 +16,24 @@ from dataclasses import asdict, dataclass
 import torch
 from omegaconf import OmegaConf
 
+from dsv3 import exit_codes
+from dsv3.config import precision
 from dsv3.config.schema import Config
 from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
+from dsv3.model.step_aux import StepAux
 from dsv3.model.transformer import IGNORE
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import build_plan
 from dsv3.planner.report import memory_line
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
-from dsv3.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv3.train.checkpoint import load_checkpoint, save_checkpoint
+from dsv3.train.loss_scale import loss_scaler
 from dsv3.train.metrics import MetricsLogger
+from dsv3.train.nonfinite import NonFiniteSteps, agree_on_step, model_is_finite
+from dsv3.train.resume import checkpoint_to_resume
 from dsv3.train.stop_signals import StopSignals
 from dsv3.train.weights import load_initial_weights
 
@@ -42,7 +47,7 @@ class TrainState:
 
 
 def build_model(cfg: Config, device: torch.device) -> Transformer:
-    compute_dtype = torch.bfloat16 if cfg.precision.dtype == "bf16" else torch.float32
+    compute_dtype = precision.compute_dtype(cfg.precision.dtype, device.type)
     impl = resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, device, compute_dtype)
     model = Transformer(cfg.model, grouped_gemm=impl)
     init_weights(model, seed=cfg.train.seed, std=cfg.model.init_std)
@@ -62,12 +67,12 @@ class Trainer:
         if t.threads > 0:
             torch.set_num_threads(t.threads)
         torch.manual_seed(t.seed)
+        resume = checkpoint_to_resume(cfg)  # verified, its config compared: before any work
 
         # global sample index -> sample, over one corpus or a weighted blend (stateless: resumable exactly)
         self.train_data, self.val_data = self.make_data()
 
         self.model = build_model(cfg, env.device)
-        resume = self._resume_path()
         if resume is None and cfg.checkpoint.init_from is not None:
             # Before the plan: the weights are loaded whole, and the plan slices them like initialized ones.
             load_initial_weights(cfg.checkpoint.init_from, self.model, cfg.model)
@@ -77,14 +82,20 @@ class Trainer:
         self.moe_layers = self.model.moe_layers()
         self.optimizer = self.plan.build_optimizer(cfg.optim)
         self.state = TrainState()
-        # fp8 on a GPU: BF16 for what stays out of FP8 (V3 report); on CPU fp32 (the emulation).
-        bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "fp8" and env.device.type == "cuda")
-        self.autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        self.nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_consecutive_skips)
+        self.autocast = precision.autocast(cfg.precision.dtype, env.device.type)
+        self.scaler = loss_scaler(cfg.precision)  # fp16 only
         self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps)
         if resume is not None:
-            saved = load_checkpoint(resume, self.model, self.optimizer, self.plan)
+            scaler = {"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+            saved = load_checkpoint(resume, self.model, self.optimizer, self.plan, optional_train=scaler)
             self.state = TrainState(step=int(saved["step"]), consumed_samples=int(saved["consumed_samples"]))
             log.info("resumed from %s at step %d", resume, self.state.step)
+            if self.scaler is not None and "loss_scaler" in saved:
+                self.scaler.load_state_dict(saved["loss_scaler"])
+            elif self.scaler is not None:
+                log.info("the checkpoint has no fp16 loss scale (saved in another precision): starting at %g",
+                         self.scaler.scale)
         if env.is_main:
             n_params = self.plan.n_params
             log.info("model: %.2fM parameters, %d MoE layers (MTP modules included); data: %d train / %d val "
@@ -107,21 +118,35 @@ class Trainer:
         docs = None if data.documents is None else data.documents[:, :-1].to(self.env.device)
         return batch[:, :-1], batch[:, 1:], docs
 
+    def tokenizer_file(self) -> str | None:
+        """The tokenizer.json the run's token ids mean, carried by every checkpoint (so that an export is
+        self-contained). A blend's corpora share one (validated)."""
+        path = os.path.join(self.train_data.corpora[0].directory, "tokenizer.json")
+        return path if os.path.isfile(path) else None
+
     def loss_normalizer(self, batch_size: int, n_micro: int) -> float | None:
         """Divisor of each micro-batch's summed CE (None: its mean). Pretraining counts every label, and
         every micro-batch has as many, so the mean per micro-batch is already the global batch's mean."""
         return None
 
     # -- state -------------------------------------------------------------------------------------------
-    def _resume_path(self) -> str | None:
-        resume = self.cfg.train.resume
-        return latest_checkpoint(self.cfg.checkpoint.dir) if resume == "auto" else (None if resume == "none" else resume)
-
     def save(self) -> None:
+        if not model_is_finite(self.model, self.env.device):  # never let a diverged model replace good ones
+            self._stop_diverged("the model has non-finite parameters")
+        train_state = asdict(self.state)
+        if self.scaler is not None:
+            train_state["loss_scaler"] = self.scaler.state_dict()
         path = save_checkpoint(self.cfg.checkpoint.dir, self.state.step, self.model, self.optimizer,
-                               asdict(self.state), OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
-                               keep=self.cfg.checkpoint.keep, plan=self.plan)
+                               train_state, OmegaConf.to_yaml(OmegaConf.structured(self.cfg)),
+                               keep=self.cfg.checkpoint.keep, plan=self.plan, tokenizer=self.tokenizer_file())
         log.info("saved %s", path)
+
+    def _stop_diverged(self, why: str) -> None:
+        log.error("stopping at step %d: %s; nothing saved, the checkpoints in %s are untouched (lower optim.lr, "
+                  "raise optim.warmup_steps or set optim.grad_clip, then resume with "
+                  "train.resume_allow_changes=[optim])", self.state.step, why, self.cfg.checkpoint.dir)
+        self.metrics.close()
+        raise SystemExit(exit_codes.DIVERGED)
 
     # -- steps -------------------------------------------------------------------------------------------
     def _batch(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -137,27 +162,44 @@ class Trainer:
         batch_size = schedules.global_batch_size(st.consumed_samples, t, unit)
         n_micro = batch_size // unit
         lam = schedules.mtp_weight(st.step, t)
-        for moe in self.moe_layers:  # alpha, scaled like the micro-batch's share of the loss
-            moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
-        self.model.loss_normalizer = self.loss_normalizer(batch_size, n_micro)
+        # alpha, scaled like the micro-batch's share of the loss; each forward of the step gets a fresh copy
+        scale = self.scaler.scale if self.scaler is not None else 1.0
+        aux = StepAux(balance_coeff=t.balance_loss_alpha / n_micro,
+                      loss_normalizer=self.loss_normalizer(batch_size, n_micro), grad_scale=scale)
         first = st.consumed_samples + self.dp_rank * (batch_size // self.dp)
 
         def micro_batch(j: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
             return self._batch(first + j * t.micro_batch_size, t.micro_batch_size)
 
-        sums = self.plan.train_step(micro_batch, n_micro, lam, self.autocast)  # main CE, MTP CE, balance
-        grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip)
+        # main CE, MTP CE, balance loss of what this rank computed; the expert counts of its MoE layers
+        sums, loads = self.plan.train_step(micro_batch, n_micro, lam, aux, self.autocast)
+        grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip, grad_scale=scale)
+        # the global batch's means, and whether every rank's losses and gradient norm are finite
+        sums, finite = agree_on_step(sums, grad_norm, self.plan.global_loss_parts)
+        overflow = False
+        if self.scaler is not None:
+            # Finite losses with non-finite gradients: fp16 overflowed under this scale. The step is skipped
+            # and the scale backs off; it is not divergence unless the scale is already at its floor.
+            overflow = not finite and bool(torch.isfinite(sums).all()) and not self.scaler.at_floor
+            self.scaler.update(finite)
         lr = schedules.learning_rate(st.step, cfg.optim)
-        self.plan.optimizer_step(lr)
-        balance = update_router_biases(self.moe_layers, schedules.bias_update_speed(st.step, t),
-                                       self.plan.sum_router_loads, self.plan.all_layers)
-        sums = self.plan.global_loss_parts(sums)
+        if finite:
+            self.plan.optimizer_step(lr)
+        else:  # not applied (train.on_nonfinite)
+            self.optimizer.zero_grad(set_to_none=True)
+        balance = update_router_biases(self.moe_layers, loads, schedules.bias_update_speed(st.step, t) if finite
+                                       else 0.0, self.plan.sum_router_loads, self.plan.all_layers)
         st.step += 1
         st.consumed_samples += batch_size
         data = self.train_data.report(st.consumed_samples - batch_size, st.consumed_samples, st.step)
         return {"loss": sums[0].item(), "mtp_loss": sums[1].item(), "balance_loss": sums[2].item(), "lr": lr,
-                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam, **balance, **data,
-                **self.plan.step_metrics()}
+                "grad_norm": grad_norm.item(), "global_batch": batch_size, "mtp_weight": lam,
+                "skipped": int(not finite), **self._scaler_metrics(scale, overflow), **balance, **data, **self.plan.step_metrics()}
+
+    def _scaler_metrics(self, scale: float, overflow: bool) -> dict:
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": scale, "overflow": int(overflow), "overflows": self.scaler.skipped_steps}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -169,7 +211,7 @@ class Trainer:
         # A forward may exchange tokens with other ranks (expert parallelism): all run as many as the busiest.
         busiest = -(-n // self.dp)
         chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
-        self.model.loss_normalizer = None  # per-chunk means, weighted by the labels that count
+        # evaluation forwards get no StepAux: per-chunk means, weighted below by the labels that count
         total = torch.zeros(2, device=self.env.device)
         for chunk in chunks:
             tokens, labels, docs = self._val_batch(chunk or [0])  # [0]: a filler, not counted
@@ -193,11 +235,25 @@ class Trainer:
                 metrics["step_time_s"] = elapsed
                 step = self.state.step
                 last = step == t.max_steps
+                # an fp16 overflow is the loss scale's to fix, not divergence
+                self.nonfinite.record(not metrics["skipped"] or bool(metrics.get("overflow")))
+                if metrics.get("overflow"):
+                    log.info("step %d: fp16 gradients overflowed at loss scale %g: not applied, the scale is now %g",
+                             step, metrics["loss_scale"], self.scaler.scale)
+                elif metrics["skipped"]:
+                    log.warning("step %d: non-finite loss %.4g or gradient norm %.4g on some rank: not applied "
+                                "(%s)", step, metrics["loss"], metrics["grad_norm"], "train.on_nonfinite=stop"
+                                if t.on_nonfinite == "stop" else f"{self.nonfinite.consecutive} in a row, at most "
+                                f"train.max_consecutive_skips={t.max_consecutive_skips}")
+                    if self.nonfinite.must_stop:
+                        self.metrics.log(step, metrics)
+                        self._stop_diverged(f"{self.nonfinite.consecutive} non-finite step(s) in a row")
                 if (t.val_every and step % t.val_every == 0) or last:
                     metrics["val_loss"] = self.evaluate()
-                if step % t.log_every == 0 or last or "val_loss" in metrics:
+                if step % t.log_every == 0 or last or "val_loss" in metrics or metrics["skipped"]:
                     self.metrics.log(step, metrics)
-                saved = (c.every and step % c.every == 0) or last
+                # not in a run of skipped steps: a checkpoint of the same weights would prune a good one
+                saved = (c.every and step % c.every == 0 and not self.nonfinite.consecutive) or last
                 if saved:
                     self.save()
                 signum = stop.agreed(self.env.device)
@@ -207,7 +263,7 @@ class Trainer:
                     log.warning("stopping after step %d on %s; resume with train.resume=auto", step,
                                 signal.Signals(signum).name)
                     self.metrics.close()
-                    raise SystemExit(128 + signum)
+                    raise SystemExit(exit_codes.signalled(signum))
         self.metrics.close()
 
 

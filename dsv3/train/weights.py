@@ -8,40 +8,38 @@ import os
 import torch
 import yaml
 
+from dsv3.config.errors import ConfigError
 from dsv3.config.schema import ModelConfig
 from dsv3.model.hf_format import from_hf_state_dict, load_hf, model_config_from_hf
 from dsv3.model.transformer import Transformer
 from dsv3.model.vocab import grow_state_dict
-from dsv3.train.checkpoint import load_checkpoint
+from dsv3.train.checkpoint import describe_damage, load_checkpoint, verify_checkpoint
 
 # Fields that change the weights' shapes or meaning; the rest (seq lengths, init std) may differ.
-_ARCH_FIELDS = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
-                "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups", "n_limited_groups",
-                "score_func", "route_scale", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                "v_head_dim")
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "inter_dim", "moe_inter_dim", "n_layers", "n_dense_layers", "n_heads",
+                       "n_routed_experts", "n_shared_experts", "n_activated_experts", "n_expert_groups",
+                       "n_limited_groups", "score_func", "route_scale", "q_lora_rank", "kv_lora_rank",
+                       "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 def is_hf_directory(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def check_same_architecture(ours: ModelConfig, theirs: ModelConfig, source: str) -> None:
-    """Same shapes, except that the weights may have fewer tokens (they are grown on loading)."""
-    for name in _ARCH_FIELDS:
-        a, b = getattr(ours, name), getattr(theirs, name)
-        if name == "vocab_size" and b < a:
-            continue
-        if a != b:
-            raise ValueError(f"checkpoint.init_from={source}: model.{name}={a!r} but the weights have {b!r}")
+def architecture_differences(ours: ModelConfig, theirs: ModelConfig) -> str:
+    """'model.dim 64 vs 32, ...' for every architecture field that differs ('' when none), except that the
+    weights may have fewer tokens (they are grown on loading)."""
+    return ", ".join(f"model.{n} {getattr(ours, n)!r} vs {getattr(theirs, n)!r}" for n in ARCHITECTURE_FIELDS
+                     if getattr(ours, n) != getattr(theirs, n)
+                     and not (n == "vocab_size" and theirs.vocab_size < ours.vocab_size))
 
 
 def load_initial_weights(path: str, model: torch.nn.Module, cfg: ModelConfig) -> None:
-    """`path`: an HF directory, a dsv3 step directory, or a run's checkpoint directory (its latest step:
-    how a phase starts from the previous one's end, e.g. context extension after pretraining)."""
-    path = checkpoint_step(path)
+    """Load `checkpoint.init_from` (validated: dsv3/train/config_rules.py) into the whole, unsharded model.
+    A collective under torch.distributed (the ranks share the checksums of a dsv3 checkpoint)."""
+    assert not architecture_differences(cfg, model_config_of(path)), path
     if is_hf_directory(path):
         hf_cfg, tensors = load_hf(path)
-        check_same_architecture(cfg, model_config_from_hf(hf_cfg), path)
         sd = grow_state_dict(from_hf_state_dict(cfg, tensors), cfg.vocab_size)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         # HF checkpoints without MTP layers leave our MTP modules at their initialization.
@@ -49,10 +47,10 @@ def load_initial_weights(path: str, model: torch.nn.Module, cfg: ModelConfig) ->
         if missing or unexpected:
             raise ValueError(f"{path}: missing weights {missing[:5]}, unexpected {unexpected[:5]}")
         return
-    with open(os.path.join(path, "config.yaml")) as f:
-        saved = yaml.safe_load(f)["model"]
-    theirs = dataclasses.replace(cfg, **saved)
-    check_same_architecture(cfg, theirs, path)
+    problems = verify_checkpoint(path)
+    if problems:  # what only the checksums show: validation compared the sizes
+        raise ConfigError("checkpoint.init_from", path, describe_damage(path, problems))
+    theirs = model_config_of(path)
     if theirs.vocab_size == cfg.vocab_size:
         load_checkpoint(path, model, optimizer=None)
         return

@@ -24,10 +24,10 @@ def compose_experiment(name: str, *overrides: str):
 def test_experiment_validates(name, tmp_path):
     cfg = compose_experiment(name)
     if cfg.data.source == "shards":  # the user's corpus: any directory prepare_data.py wrote
-        (tmp_path / "meta.json").write_text("{}")
+        (tmp_path / "meta.json").write_text(f'{{"vocab_size": {cfg.model.vocab_size}}}')
         cfg.data.path = str(tmp_path)
-    if cfg.checkpoint.init_from is not None:   # a later phase: the previous phase's checkpoints
-        cfg.checkpoint.init_from = str(tmp_path)
+    if cfg.checkpoint.init_from is not None:   # a later phase: the previous phase's weights are not here
+        cfg.checkpoint.init_from = None
     hw = cfg.hardware
     validate(cfg, world_size=hw.nodes * hw.gpus_per_node if hw.name else WORLD_SIZE.get(name, 1))
     assert cfg.run_name == name

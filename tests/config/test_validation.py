@@ -1,9 +1,10 @@
 """Every invalid configuration exits with code 2 and one line naming the key, before any work is done."""
 import os
+import re
 
 import pytest
 
-from tests.helpers import run_pretrain
+from tests.helpers import run_pretrain, run_torchrun
 
 BAD = {
     "too_many_activated_experts": (["model.n_activated_experts=999"], "model.n_activated_experts"),
@@ -34,6 +35,13 @@ def test_bad_config_exits_2_naming_the_key(case, tmp_path):
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and key in lines[0], r.stderr
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")  # no work was done
+
+
+def test_under_torchrun_the_error_is_printed_once_and_the_workers_exit_2(tmp_path):
+    r = run_torchrun(2, str(tmp_path / "run"), "+experiment=moe_tiny", "model.n_activated_experts=999", timeout=120)
+    assert r.returncode != 0  # torchrun's own code is 1 whatever its workers' codes are
+    assert (r.stdout + r.stderr).count("invalid config: model.n_activated_experts=999") == 1, r.stderr
+    assert re.search(r"exitcode\s*:\s*2 ", r.stderr), r.stderr  # torchrun's summary of the first failure
 
 
 def test_pipeline_config_inconsistent_with_the_batch_exits_2_on_every_rank(tmp_path):
@@ -184,3 +192,58 @@ def test_expert_parallel_layouts_that_align_pass(world, ep, groups):
     cfg.parallel.ep, cfg.model.n_expert_groups = ep, groups
     cfg.train.micro_batch_size = 1
     validate(cfg, world_size=world)
+
+
+def test_the_data_vocabulary_must_fit_the_model():
+    """What the data loader used to find out after the run had started is a config error now."""
+    import json
+    import tempfile
+
+    from dsv3.config import ConfigError, validate
+    from dsv3.config.schema import Config
+
+    with tempfile.TemporaryDirectory() as shards:
+        with open(os.path.join(shards, "meta.json"), "w") as f:
+            json.dump({"vocab_size": 1000}, f)
+        cfg = Config()
+        cfg.data.source, cfg.data.path = "shards", shards
+        with pytest.raises(ConfigError, match=r"model.vocab_size=512: must be >= the 1000 tokens of the tokenizer"):
+            validate(cfg)
+        cfg.model.vocab_size = 1024
+        validate(cfg)
+        with open(os.path.join(shards, "meta.json"), "w") as f:  # a corpus too short for one sample
+            json.dump({"vocab_size": 1000, "splits": {"train": [{"tokens": 64}], "val": [{"tokens": 500}]}}, f)
+        with pytest.raises(ConfigError, match="data.seq_len=128: must be < the 64 tokens of the train split"):
+            validate(cfg)
+    cfg = Config()
+    cfg.model.vocab_size = 200  # the embedded corpus' BPE is trained with model.vocab_size entries
+    with pytest.raises(ConfigError, match="model.vocab_size=200: must be >= 261"):
+        validate(cfg)
+
+
+def test_init_from_weights_of_another_architecture_is_a_config_error(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    from dsv3.config import ConfigError, validate
+    from dsv3.config.schema import Config, ModelConfig
+    from dsv3.model import Transformer
+    from dsv3.model.hf_format import save_hf
+    from dsv3.train.manifest import write_manifest
+
+    other = ModelConfig(dim=32)
+    dsv3_dir, hf_dir = tmp_path / "dsv3", tmp_path / "hf"
+    dsv3_dir.mkdir()
+    (dsv3_dir / "config.yaml").write_text(yaml.safe_dump({"model": dataclasses.asdict(other)}))
+    write_manifest(str(dsv3_dir))
+    save_hf(str(hf_dir), other, Transformer(other).state_dict())
+    for source in (dsv3_dir, hf_dir):
+        cfg = Config()
+        cfg.checkpoint.init_from = str(source)
+        with pytest.raises(ConfigError, match="holds weights of another architecture: model.dim 64 vs 32"):
+            validate(cfg)
+    (hf_dir / "model.safetensors").unlink()
+    cfg.model.dim = 32
+    with pytest.raises(ConfigError, match="no \\*.safetensors weights"):
+        validate(cfg)

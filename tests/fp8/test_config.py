@@ -47,10 +47,10 @@ def test_fp8_on_cuda_without_a_gpu_is_the_train_device_rule():
 
 @pytest.mark.parametrize("capability", [(8, 9), (9, 0)])
 def test_fp8_on_ada_and_hopper_passes_the_device_rule(monkeypatch, capability):
-    from dsv3.fp8.validate import validate_fp8
+    from dsv3.fp8.config_rules import fp8_rules
 
     fake_gpu(monkeypatch, capability)
-    validate_fp8(fp8_config())  # (the kernels' own check would need triton to see a real GPU)
+    fp8_rules(fp8_config(), 1)  # (the kernels' own check would need triton to see a real GPU)
 
 
 @pytest.mark.parametrize("fields,world,key,allowed", [

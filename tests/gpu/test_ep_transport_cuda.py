@@ -15,7 +15,7 @@ from conftest import DEVICE
 from dispatch_testing import randn
 
 from dsv3.kernels import dispatch
-from dsv3.parallel.pipeline.testing import run_ranks
+from tests.parallel.distributed_testing import run_ranks
 
 
 def _targets(counts: list[int], row_bytes: int, device: torch.device):

@@ -1,4 +1,4 @@
-"""One training step of `moe_small` on the GPU, in bf16 and in FP8, against the same step in fp32 on
+"""One training step of `moe_small` on the GPU, in bf16, fp16 (loss-scaled) and FP8, against the same step in fp32 on
 the CPU: the same initial weights (built on the CPU from the seed, then moved), the same batch.
 
 What must agree, and why these bands: bf16 autocast rounds every matmul input to 8 bits of mantissa
@@ -34,6 +34,7 @@ def _config(precision: str, kernels: str):
 
 def _step(precision: str, device: torch.device, kernels: str = "auto"):
     """Loss, gradients (flattened, fp32, on the CPU) and the loss after one AdamW step."""
+    from dsv3.config.precision import autocast as precision_autocast
     from dsv3.train.optim import AdamW, parameter_groups
     from dsv3.train.trainer import build_model
     cfg = _config(precision, kernels)
@@ -42,8 +43,8 @@ def _step(precision: str, device: torch.device, kernels: str = "auto"):
     model.train()
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, cfg.model.vocab_size, (4, cfg.data.seq_len + 1), generator=g).to(device)
-    on_gpu_16bit = device.type == "cuda" or precision == "bf16"  # the trainer's rule (fp8 on CPU: fp32)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu_16bit and precision != "fp32")
+    autocast = precision_autocast(precision, device.type)  # the trainer's (fp8 on CPU: fp32, the emulation)
+    scale = 1024.0 if precision == "fp16" else 1.0  # fp16's loss scale, divided out of the gradients
     opt = AdamW(parameter_groups(model, 0.1), lr=1e-3)
 
     def loss_of():
@@ -52,7 +53,10 @@ def _step(precision: str, device: torch.device, kernels: str = "auto"):
             return parts.main + 0.3 * torch.stack(parts.mtp).mean()
 
     loss = loss_of()
-    loss.backward()
+    (loss * scale).backward()
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(scale)
     grads = torch.cat([p.grad.float().flatten().cpu() for p in model.parameters() if p.grad is not None])
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -80,6 +84,11 @@ def _compare(got, want, loss_band: float, min_cos: float, norm_band: float):
 
 def test_bf16_step_on_gpu_matches_fp32_on_cpu(fp32_cpu):
     _compare(_step("bf16", DEVICE), fp32_cpu, loss_band=0.01, min_cos=0.99, norm_band=0.03)
+
+
+def test_fp16_step_on_gpu_matches_fp32_on_cpu(fp32_cpu):
+    # fp16 keeps 11 bits of mantissa (bf16: 8) under a loss scale: at least bf16's bands
+    _compare(_step("fp16", DEVICE), fp32_cpu, loss_band=0.01, min_cos=0.99, norm_band=0.03)
 
 
 @needs_fp8

@@ -1,5 +1,6 @@
-"""The user's path through the command-line tools: train, export to HF, load with transformers offline,
-import back, and start a new run from either the imported checkpoint or the HF directory itself."""
+"""The user's path through the command-line tools: train, export to HF, load model and tokenizer with
+transformers offline and generate, import back, and start a new run from either the imported checkpoint
+or the HF directory itself."""
 import subprocess
 import sys
 
@@ -39,6 +40,22 @@ def test_export_load_import_and_restart(tmp_path):
     tokens = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(tokens).logits, ours.eval()(tokens), rtol=1e-5, atol=1e-5)
+
+    # The run's tokenizer travels with the checkpoint: AutoTokenizer reads it, generate stops at its EOS.
+    from tokenizers import Tokenizer
+
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ours_tok = Tokenizer.from_file(f"{ckpt}/tokenizer.json")
+    text = "def main():\n    return 0\n"
+    assert tok(text).input_ids == ours_tok.encode(text).ids and tok.decode(tok(text).input_ids) == text
+    assert hf.generation_config.eos_token_id == tok.eos_token_id == ours_tok.token_to_id("<|endoftext|>")
+    prompt = torch.tensor([tok("import os").input_ids])
+    generated = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    greedy = prompt
+    with torch.no_grad():  # greedy decoding with our model, the independent reference
+        for _ in range(12):
+            greedy = torch.cat([greedy, ours(greedy)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, greedy)
 
     imported = str(tmp_path / "imported")
     cli("launch/import_hf.py", hf_dir, imported)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from dsv3.config.schema import ModelConfig
 from dsv3.model.init import init_weights
 from dsv3.model.moe import MoE, sequence_balance_loss
+from dsv3.model.step_aux import StepAux
 
 CFG = ModelConfig(dim=32, moe_inter_dim=16, n_routed_experts=12, n_activated_experts=3, n_expert_groups=4,
                   n_limited_groups=2, route_scale=2.5, n_shared_experts=1)
@@ -101,26 +102,29 @@ def test_balance_loss_gradient_is_alpha_times_its_gradient():
     x = torch.randn(2, 6, CFG.dim)
     coeff = 0.37
     moe.train()
-    moe.balance_loss_coeff = coeff
-    injected = torch.autograd.grad(moe(x).sum(), moe.gate.weight)[0]
-    moe.balance_loss_coeff = 0.0
+    aux = StepAux(balance_coeff=coeff)
+    injected = torch.autograd.grad(moe(x, aux).sum(), moe.gate.weight)[0]
     flat = x.view(-1, CFG.dim)
     _, idx, scores = moe.gate(flat)
     explicit = torch.autograd.grad(moe(x).sum() + coeff * sequence_balance_loss(scores, idx, 2, CFG.n_activated_experts),
                                    moe.gate.weight)[0]
     torch.testing.assert_close(injected, explicit)
     assert not torch.allclose(injected, torch.autograd.grad(moe(x).sum(), moe.gate.weight)[0])
+    torch.testing.assert_close(aux.balance[0], sequence_balance_loss(scores, idx, 2, CFG.n_activated_experts))
 
 
-def test_expert_load_is_counted_only_in_training_forwards():
+def test_expert_counts_go_to_the_aux_the_caller_hands_in_and_nowhere_else():
     moe = make_moe()
     x = torch.randn(2, 4, CFG.dim)
-    moe.eval()
-    moe(x)
-    assert moe.gate.expert_load.sum() == 0
-    moe.train()
-    moe(x)
-    assert moe.gate.expert_load.sum() == 2 * 4 * CFG.n_activated_experts
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    moe(x)  # no aux: nothing recorded, nothing kept on the module
+    aux = StepAux()
+    moe(x, aux)
+    _, idx, _ = moe.gate(x.view(-1, CFG.dim))
+    assert list(aux.loads) == [moe] and aux.balance == []  # coefficient 0: no balance loss
+    assert torch.equal(aux.loads[moe], torch.bincount(idx.flatten(), minlength=CFG.n_routed_experts).float())
+    assert aux.loads[moe].sum() == 2 * 4 * CFG.n_activated_experts
+    assert all(torch.equal(v, before[k]) for k, v in moe.state_dict().items())
 
 
 def test_softmax_routing_is_not_renormalized():

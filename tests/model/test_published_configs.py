@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from dsv3.config.schema import ModelConfig
-from dsv3.config.validate import validate_model
+from dsv3.model.config_rules import check_model
 from dsv3.model import Transformer
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "model")
@@ -43,7 +43,7 @@ def test_parameter_counts_match_the_reports(name, total, active, tol):
 
 @pytest.mark.parametrize("name", ["deepseek_v3_671b", "deepseek_16b", "moe_small", "moe_tiny"])
 def test_shipped_model_configs_are_valid(name):
-    validate_model(load(name))
+    check_model(load(name))
 
 
 def test_the_671b_config_is_the_v3_architecture():

@@ -5,12 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from dsv3.config.schema import ModelConfig
+from dsv3.config import ConfigError
+from dsv3.config.rules import World
+from dsv3.config.schema import Config, ModelConfig
 from dsv3.data.tokenizer import EOS, add_special_tokens, train_bpe
 from dsv3.model import Transformer, init_weights
 from dsv3.model.hf_format import save_hf
 from dsv3.model.vocab import grow_vocab
 from dsv3.train.checkpoint import save_checkpoint
+from dsv3.train.config_rules import checkpoint_rules
 from dsv3.train.weights import load_initial_weights
 
 TEXT = ["def f(x):\n    return x + 1\n", "the answer is 42 <think> not special yet", "print('hello')"] * 30
@@ -77,5 +80,8 @@ def test_initial_weights_with_a_smaller_vocabulary_are_grown(source, tmp_path):
     tokens = torch.randint(0, 100, (1, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(new(tokens)[..., :100], old(tokens), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="vocab_size=90"):
-        load_initial_weights(path, small_model(90), small_model(90).cfg)
+    # weights with a larger vocabulary cannot be shrunk into the model: a config error, before any work
+    cfg = Config(model=small_model(90).cfg)
+    cfg.checkpoint.init_from = path
+    with pytest.raises(ConfigError, match="another architecture: model.vocab_size 90 vs 100"):
+        checkpoint_rules(cfg, World())

@@ -24,7 +24,7 @@ from dsv3.model.init import init_weights
 from dsv3.model.moe import Experts
 from dsv3.parallel.ep_transport import AllToAllTransport, DirectTransport, Gather
 from dsv3.parallel.expert_parallel import ExpertParallelDispatcher
-from dsv3.parallel.pipeline.testing import free_port, run_ranks
+from tests.parallel.distributed_testing import free_port, run_ranks
 
 INTER = 8
 

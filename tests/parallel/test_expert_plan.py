@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from dsv3.config.schema import Config, ModelConfig
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.mesh import Env
 from dsv3.parallel.plan import build_plan
 from dsv3.train.trainer import build_model
@@ -29,9 +30,7 @@ BATCH, SEQ = 2, 12  # sequences per rank, tokens per sequence
 def share_loss(model, tokens, weight: float = 1.0):
     """weight * (CE + MTP + balance loss) of one share; the balance loss enters through its coefficient,
     as in the trainer (alpha large enough that a wrong router gradient shows)."""
-    for moe in model.moe_layers():
-        moe.balance_loss_coeff = 0.01 * weight
-    parts = model.losses(tokens[:, :-1], tokens[:, 1:])
+    parts = model.losses(tokens[:, :-1], tokens[:, 1:], aux=StepAux(balance_coeff=0.01 * weight))
     return weight * (parts.main + 0.3 * torch.stack(parts.mtp).mean())
 
 

@@ -8,6 +8,7 @@ import torch
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model import Transformer, init_weights
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.model_stages import StageLayout, StepContext, cut_model
 from dsv3.parallel.pipeline import build_schedule
 
@@ -38,9 +39,10 @@ def _model(mtp_depth: int = 1) -> Transformer:
     cfg.mtp_depth = mtp_depth
     model = Transformer(cfg)
     init_weights(model, seed=1, std=0.02)
-    for moe in model.moe_layers():
-        moe.balance_loss_coeff = 1e-2  # the side-channel loss is part of the gradients compared below
     return model
+
+
+COEFF = 1e-2  # the balance loss's coefficient: the side-channel loss is part of the gradients compared below
 
 
 @pytest.mark.parametrize("schedule,pp", [("1f1b", 2), ("zb1p", 4), ("dualpipe", 2), ("dualpipev", 2)])
@@ -49,14 +51,15 @@ def test_stages_run_in_order_are_the_model(schedule, pp):
     tokens = torch.randint(0, CFG.vocab_size, (2, 16))
     labels = torch.randint(0, CFG.vocab_size, (2, 16))
     whole = _model()
-    parts = whole.losses(tokens, labels)
+    aux = StepAux(COEFF)
+    parts = whole.losses(tokens, labels, aux=aux)
     ((parts.main + LAMBDA * torch.stack(parts.mtp).mean())).backward()
 
     layout = StageLayout(schedule, pp, CFG.n_layers, CFG.mtp_depth)
     sched = build_schedule(schedule, pp, 2 * pp)
     ranks, stages = [], {}
     for r in range(pp):
-        model, ctx = _model(), StepContext(mtp_weight=LAMBDA)
+        model, ctx = _model(), StepContext(mtp_weight=LAMBDA, aux=StepAux(COEFF))
         for s in cut_model(model, layout, r, ctx):
             if sched.rank_of(s.index, 0) == r:   # micro-batch 0's route
                 stages[s.index] = s
@@ -71,9 +74,14 @@ def test_stages_run_in_order_are_the_model(schedule, pp):
     loss.backward()
     ctx = ranks[sched.rank_of(layout.n_stages - 1, 0)][1]
     assert torch.equal(ctx.main[0], parts.main.detach()) and torch.equal(ctx.mtp[0], parts.mtp[0].detach())
-    # every MoE layer's balance loss recorded once, by the stage (or the MTP head) that ran it
+    # every MoE layer's balance loss and expert counts recorded once, by the stage (or the MTP head) that ran it
     recorded = sum(sum(c.balance) for _, c in ranks)
-    torch.testing.assert_close(recorded, sum(m.last_balance_loss for m in whole.moe_layers()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(recorded, sum(aux.balance), rtol=1e-6, atol=0)
+    counts = {name: c.loads[moe] for m, c in ranks for name, moe in m.named_modules() if moe in c.loads}
+    assert counts.keys() == {n for n, moe in whole.named_modules() if moe in aux.loads}
+    for name, moe in whole.named_modules():
+        if moe in aux.loads:
+            assert torch.equal(counts[name], aux.loads[moe]), name
 
     for name, p in whole.named_parameters():
         copies = [dict(m.named_parameters()).get(name) for m, _ in ranks]

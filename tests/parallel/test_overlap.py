@@ -19,6 +19,7 @@ import torch
 
 from dsv3.config.schema import Config, ModelConfig
 from dsv3.parallel.mesh import Env
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.plan import build_plan
 from dsv3.train.trainer import build_model
 from tests.parallel.distributed_testing import run_workers
@@ -104,16 +105,15 @@ def accumulation_worker(rank: int, world: int) -> None:
         cfg.train.seed = 5
         model = build_model(cfg, torch.device("cpu"))
         plan = build_plan(model, cfg, Env(rank, world, rank, torch.device("cpu")))
-        for moe in model.moe_layers():
-            moe.balance_loss_coeff = 0.01
         g = torch.Generator().manual_seed(200 + rank)
         batches = [torch.randint(0, MODEL.vocab_size, (2, 13), generator=g) for _ in range(3)]
         plan.comm.trace = []
-        parts = plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:], None), 3, 0.3, nullcontext())
+        parts, counts = plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:], None), 3, 0.3,
+                                        StepAux(balance_coeff=0.01), nullcontext())
         pairs = sum(1 for kind, task, _ in plan.comm.trace if kind == "end") // 2
         assert pairs == (2 if overlap else 0), pairs
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        loads = torch.stack([m.gate.expert_load for m in model.moe_layers()])
+        loads = torch.stack([counts[m] for m in model.moe_layers()])
         results.append((parts, grads, loads))
     (p_on, g_on, l_on), (p_off, g_off, l_off) = results
     assert torch.equal(p_on, p_off) and torch.equal(l_on, l_off)

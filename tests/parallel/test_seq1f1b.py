@@ -12,6 +12,7 @@ import torch
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model import Transformer, init_weights
+from dsv3.model.step_aux import StepAux
 from dsv3.model.transformer import IGNORE
 from dsv3.parallel.model_stages import StageLayout, StepContext, cut_model
 from dsv3.parallel.pipeline import PipelineExecutor, build_schedule, check_blocking_comms, simulate, Costs
@@ -57,14 +58,12 @@ def test_segments_compute_the_unsegmented_losses_and_gradients(mtp_depth, q_lora
         labels[torch.rand(labels.shape) < 0.3] = IGNORE
 
     whole = _model(cfg)
-    whole.loss_normalizer = normalizer
     for i in range(sequences):
-        parts = whole.losses(tokens[i], labels[i])
+        parts = whole.losses(tokens[i], labels[i], aux=StepAux(loss_normalizer=normalizer))
         ((parts.main + LAMBDA * torch.stack(parts.mtp).mean()) / sequences).backward()
     reference = {k: p.grad for k, p in whole.named_parameters() if p.grad is not None}
 
-    model, ctx = _model(copy.deepcopy(cfg)), StepContext(mtp_weight=LAMBDA)
-    model.loss_normalizer = normalizer
+    model, ctx = _model(copy.deepcopy(cfg)), StepContext(mtp_weight=LAMBDA, aux=StepAux(loss_normalizer=normalizer))
     (stage,) = cut_model(model, StageLayout("seq1f1b", 1, cfg.n_layers, cfg.mtp_depth), 0, ctx)
     stage.carry = SegmentKV([stage.module, stage.loss_fn], ctx, n, seq // n)
     sched = build_schedule("seq1f1b", 1, sequences * n, n)
@@ -80,7 +79,7 @@ def test_segments_compute_the_unsegmented_losses_and_gradients(mtp_depth, q_lora
     mtp = torch.stack(ctx.mtp).view(sequences, n).mean(1)
     with torch.no_grad():
         for i in range(sequences):
-            parts = whole.losses(tokens[i], labels[i])
+            parts = whole.losses(tokens[i], labels[i], aux=StepAux(loss_normalizer=normalizer))
             torch.testing.assert_close(main[i], parts.main, rtol=1e-5, atol=0)
             torch.testing.assert_close(mtp[i], torch.stack(parts.mtp).mean(), rtol=1e-5, atol=0)
     got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}

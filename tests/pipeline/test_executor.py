@@ -14,9 +14,9 @@ from torch import nn
 
 from dsv3.parallel.pipeline import SCHEDULES, Op, build_schedule
 from dsv3.parallel.pipeline.executor import PipelineExecutor, Stage
-from dsv3.parallel.pipeline.testing import (deadlock_worker, pipeline_cases_worker,
-                                            reference_step, run_ranks, toy_batches, toy_loss,
-                                            toy_model)
+from tests.parallel.distributed_testing import run_ranks
+from tests.pipeline.pipeline_testing import (deadlock_worker, pipeline_cases_worker, reference_step, toy_batches,
+                                             toy_loss, toy_model)
 
 U = 2.0 ** -24
 

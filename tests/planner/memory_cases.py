@@ -1,12 +1,13 @@
 """One training step of a plan with its memory measured by component (dsv3.planner.measure), next to what
 the planner says for the same config: shared by the single- and multi-process memory tests."""
-import contextlib
 import os
 
 import torch
 from hydra import compose, initialize_config_dir
 
+from dsv3.config.precision import autocast as precision_autocast
 from dsv3.config.store import register, to_config
+from dsv3.model.step_aux import StepAux
 from dsv3.parallel.mesh import Env
 from dsv3.parallel.plan import build_plan
 from dsv3.planner.measure import ActivationPeak, grad_bytes, optimizer_bytes, param_bytes
@@ -33,13 +34,11 @@ def measure_step(cfg, env: Env) -> dict[str, int]:
     optimizer = plan.build_optimizer(cfg.optim)
     t = cfg.train
     n_micro = t.global_batch_size // (t.micro_batch_size * plan.dp)
-    for moe in model.moe_layers():
-        moe.balance_loss_coeff = t.balance_loss_alpha / n_micro
+    aux = StepAux(balance_coeff=t.balance_loss_alpha / n_micro)
     gen = torch.Generator().manual_seed(1 + plan.dp_rank)
     batches = [torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1), generator=gen)
                for _ in range(n_micro)]
-    bf16 = cfg.precision.dtype == "bf16"
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    autocast = precision_autocast(cfg.precision.dtype, "cpu")
     peak = ActivationPeak(model)
     for stage in getattr(plan.runner, "stages", {}).values():
         if stage.carry is not None:      # Seq1F1B: key/value gradients waiting for their segment's backward
@@ -51,7 +50,7 @@ def measure_step(cfg, env: Env) -> dict[str, int]:
                 return grads(mb)
             stage.carry.grads = sampled
     with peak:
-        plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:], None), n_micro, 0.3, autocast)
+        plan.train_step(lambda j: (batches[j][:, :-1], batches[j][:, 1:], None), n_micro, 0.3, aux, autocast)
     grads = grad_bytes(model)
     plan.reduce_and_clip(cfg.optim.grad_clip)
     plan.optimizer_step(1e-3)

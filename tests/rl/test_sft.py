@@ -11,6 +11,7 @@ import torch
 from dsv3.data.tokenizer import add_special_tokens, load_tokenizer, train_bpe
 from dsv3.data.dataset import GlobalSampler
 from dsv3.model import Transformer, init_weights
+from dsv3.model.step_aux import StepAux
 from dsv3.rl.sft_data import Example, SFTDataset
 from dsv3.rl.template import R1_SPECIAL_TOKENS
 from dsv3.train.weights import load_initial_weights, model_config_of
@@ -65,14 +66,13 @@ def test_sft_loss_equals_hand_computed_masked_cross_entropy(tokenizer, packing):
     assert (len(data) < 3) if packing else (len(data) == 3)
     rows = list(range(len(data)))
     tokens, labels, _ = data.batch(rows)
-    model.loss_normalizer = float(data.label_count(rows))   # one micro-batch, one rank
+    aux = StepAux(loss_normalizer=float(data.label_count(rows)))   # one micro-batch, one rank
     with torch.no_grad():
-        parts = model.losses(tokens, labels)
+        parts = model.losses(tokens, labels, aux=aux)
         logits = model(tokens)
     expected = hand_masked_ce(lambda r: logits[r], EXAMPLES, tokenizer, eos, 60, packing)
     assert parts.main.item() == pytest.approx(expected, rel=1e-6)
-    model.loss_normalizer = None                            # the mean over counted labels: the same value
-    with torch.no_grad():
+    with torch.no_grad():  # no normalizer: the mean over counted labels, the same value
         assert model.losses(tokens, labels).main.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -87,9 +87,9 @@ def test_packed_rows_with_document_masks_equal_each_example_alone(tokenizer):
     data = SFTDataset(EXAMPLES, tokenizer, eos, seq_len=60, packing=True)
     tokens, labels, documents = data.batch(range(len(data)))
     assert len(data) < len(EXAMPLES)
-    model.loss_normalizer = float(data.label_count(list(range(len(data)))))
+    aux = StepAux(loss_normalizer=float(data.label_count(list(range(len(data))))))
     with torch.no_grad():
-        packed = model.losses(tokens, labels, documents).main.item()
+        packed = model.losses(tokens, labels, documents, aux).main.item()
         alone = []
         for e in EXAMPLES:
             p, c = tokenizer.encode(e.prompt).ids, tokenizer.encode(e.completion).ids + [eos]

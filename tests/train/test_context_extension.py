@@ -9,7 +9,7 @@ from dsv3.config.store import register, to_config
 from dsv3.data import build_data
 from dsv3.model import Transformer
 from dsv3.model.rope import yarn_enabled
-from dsv3.train.weights import load_initial_weights
+from dsv3.train.weights import checkpoint_step, load_initial_weights
 
 from tests.helpers import ROOT, read_metrics, run_pretrain
 
@@ -30,7 +30,7 @@ def long_loss(checkpoints: str, max_seq_len: int, original_seq_len: int) -> floa
     """Mean next-token loss of the latest checkpoint under `checkpoints` on held-out LONG-token sequences."""
     cfg = long_config(max_seq_len, original_seq_len)
     model = Transformer(cfg.model)
-    load_initial_weights(checkpoints, model, cfg.model)
+    load_initial_weights(checkpoint_step(checkpoints), model, cfg.model)
     model.eval()
     _, val = build_data(cfg.data, cfg.model.vocab_size, cfg.train.seed)
     tokens = val.batch(range(16)).tokens

@@ -1,5 +1,6 @@
-"""SIGTERM / SIGUSR1 mid-run: every rank finishes the step, the same checkpoint is saved, the process
-exits with 128 + the signal, and resuming reproduces the uninterrupted losses exactly."""
+"""SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) mid-run: every rank finishes the step, the same checkpoint is saved,
+the process exits with 128 + the signal, and resuming reproduces the uninterrupted losses exactly.
+A second Ctrl-C abandons the step."""
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import time
 import pytest
 
 from dsv3.train.checkpoint import latest_checkpoint
+from dsv3.train.stop_signals import StopSignals
 from tests.helpers import ROOT, assert_same_losses, pretrain_cmd, read_metrics, run_pretrain, torchrun_cmd
 
 ARGS = ["+experiment=moe_tiny", "train.max_steps=12", "checkpoint.every=0", "train.val_every=0"]
@@ -35,7 +37,7 @@ def reference(tmp_path_factory):
     return read_metrics(run)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_a_stop_signal_saves_the_step_and_resuming_continues_exactly(signum, reference, tmp_path):
     run = str(tmp_path / "run")
     code, out = interrupt_after(pretrain_cmd(run, *ARGS), run, 3, signum)
@@ -73,3 +75,14 @@ def test_torchrun_ranks_agree_on_the_step_they_stop_at(plan, reference, tmp_path
     r = subprocess.run(torchrun_cmd(2, run, *args), cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_losses(reference, read_metrics(run), rtol=1e-5)
+
+
+def test_a_second_ctrl_c_abandons_the_step_at_once():
+    with StopSignals(True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
+        assert stop.received == signal.SIGINT and stop.agreed("cpu") == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored on exit

@@ -1,4 +1,4 @@
-"""Pipeline parallelism: schedules as data, a simulator, and a generic executor (DESIGN.md §4).
+"""Pipeline parallelism: schedules as data, a simulator, and a generic executor (docs/architecture.md, section 5).
 
 - `generators`: 1F1B, ZB1P, DualPipe, DualPipeV, Seq1F1B -> `Schedule` (per-rank instruction lists);
 - `simulator`: timeline, bubble, peak memory (reproduces the V3 report's Table 2), deadlock check;

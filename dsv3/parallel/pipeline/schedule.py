@@ -1,4 +1,4 @@
-"""A pipeline schedule as data: per-rank instruction lists (DESIGN.md §4).
+"""A pipeline schedule as data: per-rank instruction lists (docs/architecture.md, section 5).
 
 One `Schedule` feeds the simulator (`simulator.py`), the executor (`executor.py`) and the tests.
 Names follow the DeepSeek-V3 report's Table 2 and torch.distributed.pipelining:

@@ -1,33 +1,27 @@
-"""Config rules of the FP8 recipe, called by `dsv3.config.validate` (the one validation function)."""
+"""Config rules of the FP8 recipe (`precision.fp8.*`, and the device `precision.dtype=fp8` needs),
+registered in dsv3/config/rules.py."""
 import math
 
+from dsv3.config.errors import ConfigError
+from dsv3.config.precision import device_type
+from dsv3.config.rules import World
 from dsv3.config.schema import Config
-from dsv3.config.validate import ConfigError
 from dsv3.fp8.recipe import ROLES
-from dsv3.kernels.fp8_format import DEFAULT_AMAX_FLOOR
-
-FP8_MIN_CAPABILITY = (8, 9)  # E4M3 tensor cores: Ada (sm_89) and Hopper (sm_90)
+from dsv3.kernels.fp8_format import DEFAULT_AMAX_FLOOR, FP8_MIN_CAPABILITY
 
 
-def _uses_cuda(cfg: Config) -> bool:
-    import torch
-
-    # train.device=cuda without a visible GPU is reported by the train.device rule, not here.
-    return cfg.train.device in ("cuda", "auto") and torch.cuda.is_available()
-
-
-def validate_fp8(cfg: Config) -> None:
+def fp8_rules(cfg: Config, world: World) -> None:
     """precision.dtype=fp8: a device that can run it (CPU emulates; CUDA needs 8.9+) and valid options."""
     if cfg.precision.dtype != "fp8":
         return
-    if _uses_cuda(cfg):
+    if device_type(cfg.train.device) == "cuda":
         import torch
 
         cap = torch.cuda.get_device_capability()
         if cap < FP8_MIN_CAPABILITY:
             raise ConfigError("precision.dtype", "fp8",
                               f"needs FP8 tensor cores (CUDA compute capability 8.9+: Ada, Hopper); "
-                              f"{torch.cuda.get_device_name()} has {cap[0]}.{cap[1]}: use precision=bf16")
+                              f"{torch.cuda.get_device_name()} has {cap[0]}.{cap[1]}: use precision.dtype=bf16 (8.0+) or fp16")
     f, key = cfg.precision.fp8, "precision.fp8"
     unknown = [r for r in f.pow2_scales if r not in ROLES]
     if unknown:
@@ -56,3 +50,6 @@ def validate_fp8(cfg: Config) -> None:
             raise ConfigError(f"{key}.high_precision", list(f.high_precision),
                               f"{missing} match no FP8 linear, SwiGLU FFN or routed experts (module names such as "
                               "layers.0.attn.wq_a, layers.0.ffn, layers.1.ffn.shared_experts, layers.1.ffn.experts)")
+
+
+RULES = (fp8_rules,)

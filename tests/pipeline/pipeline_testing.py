@@ -1,108 +1,15 @@
-"""Helpers for multi-process pipeline tests and benchmarks on CPU: a launcher with a deadline
-and a small deterministic toy model (embedding -> MLP blocks -> head), cut into stages.
-
-The launcher forks ranks from a forkserver that has imported torch once (a fresh interpreter
-per rank costs seconds on a 2-core machine), gives each a gloo process group with a timeout, and
-kills them all if they do not finish in time, so a deadlocked schedule fails a test instead of
-hanging it.
-"""
+"""The pipeline executor's test subject: a small deterministic toy model (embedding -> MLP blocks -> head)
+cut into stages, its non-pipelined reference step, and the workers `tests/pipeline/test_executor.py`
+runs with the launcher of tests/parallel/distributed_testing.py (benchmarks/pipeline_bubble.py
+measures the same model)."""
 from __future__ import annotations
-
-import io
-import multiprocessing as mp
-import os
-import queue
-import socket
-import time
-import traceback
-from datetime import timedelta
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CTX = None
-
-
-def _context():
-    global _CTX
-    if _CTX is None:
-        _CTX = mp.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "torch.distributed", "dsv3.parallel.pipeline"])
-    return _CTX
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
-              ) -> list[Any]:
-    """Run `fn(rank, world_size, *args)` in `world_size` processes joined by a gloo group;
-    return the results by rank. `fn` must be importable (module level); results go through
-    `torch.save`. Raises RuntimeError with a rank's traceback if one fails, TimeoutError after
-    killing all ranks if they are not done within `timeout` seconds."""
-    ctx = _context()
-    results: queue.Queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, rank, world_size, port, timeout, args, results),
-                         daemon=True) for rank in range(world_size)]
-    for p in procs:
-        p.start()
-    out: dict[int, Any] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < world_size:
-            try:
-                rank, status, payload = results.get(timeout=0.5)
-            except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in out and p.exitcode is not None]
-                if dead and results.empty():
-                    raise RuntimeError(f"ranks {dead} exited (codes "
-                                       f"{[procs[r].exitcode for r in dead]}) without a result")
-                if time.monotonic() > deadline:
-                    missing = sorted(set(range(world_size)) - set(out))
-                    raise TimeoutError(f"{getattr(fn, '__name__', fn)}: ranks {missing} did not "
-                                       f"finish within {timeout:.0f} s (deadlock?)") from None
-                continue
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
-            out[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join(timeout=10)
-    return [out[r] for r in range(world_size)]
-
-
-def _child(fn, rank, world_size, port, timeout, args, results) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)   # ranks share the cores; also keeps kernels' reduction order fixed
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout))
-        value = fn(rank, world_size, *args)
-        buf = io.BytesIO()
-        torch.save(value, buf)
-        results.put((rank, "ok", buf.getvalue()))
-    except BaseException:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        results.close()
-        results.join_thread()   # the result is flushed to the pipe before the hard exit below
-        os._exit(0)   # skip interpreter teardown (gloo threads) so the rank ends promptly
-
-
-# ---------------------------------------------------------------------------------------------
-# toy model
+from dsv3.parallel.pipeline import build_schedule
+from dsv3.parallel.pipeline.executor import PipelineExecutor, Stage, sequential_overlap
 
 
 class ToyBlock(nn.Module):
@@ -210,9 +117,6 @@ def pipeline_train_worker(rank: int, world_size: int, case: dict) -> dict:
     case keys: schedule, microbatches, steps, and optionally layers_per_stage, aux_weight,
     overlap ("sequential" | "reversed"), lr, dim.
     """
-    from . import build_schedule
-    from .executor import PipelineExecutor, Stage, sequential_overlap
-
     sched = build_schedule(case["schedule"], world_size, case["microbatches"])
     dim, lps = case.get("dim", 16), case.get("layers_per_stage", 1)
     aux = case.get("aux_weight", 0.0)
