@@ -77,6 +77,9 @@ setup(
         # rewards of mathematical answers (dsv3/rl/rewards.py); the extra pins the ANTLR runtime that
         # hydra-core's grammar also needs (4.9.3)
         "math-verify[antlr4_9_3]>=0.7,<1",
+        # ZeRO-1/2 and CPU Adam (dsv3/parallel/zero.py); ninja builds DeepSpeed's CPU Adam op on first use
+        "deepspeed>=0.19,<0.20",
+        "ninja>=1.11",
     ],
     extras_require={
         # reading .parquet and saved `datasets` directories (pyarrow), .zst files (zstandard) in prepare_data

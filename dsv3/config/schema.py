@@ -117,6 +117,16 @@ class ParallelConfig:
     forward of micro-batch j+1 paired with the backward of j (one more micro-batch's activations
     alive). Losses are bit-identical either way. null = on wherever there is something to overlap
     (ep > 1, and pp = 1 or pp_schedule dualpipe|dualpipev); true elsewhere is refused."""
+    zero: int = 0
+    """ZeRO stage of the data parallelism (DeepSpeed's ZeRO optimizer, dsv3/parallel/zero.py): 0 = every dp
+    rank holds the whole optimizer state; 1 = the fp32 master weights and AdamW moments are split over
+    the dp ranks of each pipeline stage (expert slices: over their expert-data-parallel group), as
+    DeepSeek-V3 trains; 2 = the gradients too (reduce-scattered after every backward; not with pp > 1).
+    Per rank, optimizer state bytes fall from 12 to 4 + 8/N per parameter (fp32 weights + moments)."""
+    offload_optimizer: bool = False
+    """Keep the ZeRO partitions (fp32 master weights, AdamW moments) in host memory and run the update
+    there with DeepSpeed's CPU Adam (ZeRO-Offload): what lets a 24 GB card train a larger model. With
+    parallel.zero=0 it runs on ZeRO-1 (which, on one dp rank, shards nothing). Needs fp32 moments."""
 
 
 @dataclass
@@ -295,6 +305,11 @@ class TrainConfig:
     """auto | cpu | cuda."""
     threads: int = 0
     """CPU intra-op threads (torch.set_num_threads); 0 = torch's default."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in the backward instead of keeping them (dsv3/train/recompute.py):
+    `none`; `full` (every transformer block, MTP's included, keeps only its input); `moe` (only the
+    MoE layers: router, dispatch, experts, combine, shared expert); `attention` (only MLA). Losses are
+    identical; the price is one more forward of what is recomputed."""
 
 
 @dataclass

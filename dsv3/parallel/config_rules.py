@@ -105,4 +105,60 @@ def batch_split_rules(cfg: Config, world: World) -> None:
                                         "the schedule") from None
 
 
-RULES = (pipeline_rules, expert_parallel_rules, overlap_rules, batch_split_rules)
+ZERO_STAGES = (0, 1, 2)
+
+
+def zero_rules(cfg: Config, world: World) -> None:
+    """ZeRO through DeepSpeed (dsv3/parallel/zero.py); what DeepSpeed cannot do is refused here."""
+    p, o = cfg.parallel, cfg.optim
+    require(p.zero in ZERO_STAGES, "parallel.zero", p.zero,
+            "must be 0 (no sharding), 1 (optimizer state sharded) or 2 (gradients too); ZeRO-3 is not supported")
+    if p.zero == 0 and not p.offload_optimizer:
+        return
+    key = "parallel.zero" if p.zero else "parallel.offload_optimizer"
+    value = p.zero if p.zero else p.offload_optimizer
+    # ZeRO-2 reduce-scatters each gradient into its dp partition inside the backward's hooks; tensors
+    # several pipeline ranks hold need their gradients summed over those ranks first, and the executor's
+    # split backward fills weight gradients outside those hooks (DeepSpeed's pipeline engine refuses
+    # ZeRO-2 too).
+    require(p.zero != 2 or p.pp == 1, "parallel.zero", p.zero,
+            f"2 is not supported with pipeline parallelism (parallel.pp={p.pp}): use parallel.zero=1")
+    # fp16's dynamic loss scale lives in the trainer (it skips overflowing steps); DeepSpeed's optimizer
+    # would have to unscale, skip and reset its partitions with it. Not wired: refused, not ignored.
+    require(cfg.precision.dtype != "fp16", key, value,
+            "is not supported with precision.dtype=fp16 (the loss scale is not passed to DeepSpeed's ZeRO "
+            "optimizer): use precision.dtype=bf16 or fp32 with ZeRO and optimizer offload")
+    try:
+        import deepspeed  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure means it cannot run
+        raise ConfigError(key, value, f"needs DeepSpeed, which cannot be imported here ({type(e).__name__}: {e}); "
+                                      "pip install 'deepspeed>=0.19,<0.20' ninja") from None
+    if p.offload_optimizer:
+        require(o.moment_dtype == "fp32", "optim.moment_dtype", o.moment_dtype,
+                "must be fp32 with parallel.offload_optimizer=true: DeepSpeed's CPU Adam keeps its moments in "
+                "the master weights' dtype (fp32); bf16 moments need parallel.offload_optimizer=false")
+        from dsv3.parallel.zero import cpu_adam_available
+
+        why = cpu_adam_available()
+        require(why is None, "parallel.offload_optimizer", p.offload_optimizer,
+                f"needs DeepSpeed's CPU Adam, which cannot be built here: {why}")
+
+
+def activation_checkpointing_rules(cfg: Config, world: World) -> None:
+    """train.activation_checkpointing names a mode, and the mode composes with the plan."""
+    from dsv3.parallel.plan import overlap_enabled_for
+    from dsv3.train.recompute import MODES
+
+    t = cfg.train
+    one_of("train.activation_checkpointing", t.activation_checkpointing, tuple(MODES))
+    # F&B pairs interleave a forward and a backward on two threads that trade turns at the expert
+    # all-to-alls; a recomputed MoE layer repeats its all-to-alls inside the backward half, which the
+    # pairing does not schedule.
+    require(t.activation_checkpointing not in ("full", "moe") or not overlap_enabled_for(cfg.parallel),
+            "train.activation_checkpointing", t.activation_checkpointing,
+            "full and moe recompute the MoE layers, which cannot run inside the F&B pairs of the expert "
+            "all-to-all overlap: set parallel.overlap=false, or use attention")
+
+
+RULES = (pipeline_rules, expert_parallel_rules, overlap_rules, batch_split_rules, zero_rules,
+         activation_checkpointing_rules)

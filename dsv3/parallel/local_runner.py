@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -24,9 +24,26 @@ from dsv3.parallel.overlap import Communicator
 MicroBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
 
 
+class GradientSync(Protocol):
+    """The data-parallel dimension's part in the accumulation: told before and after each micro-batch's
+    backward whether it is the step's last, so that gradient buckets are reduced while the backward runs."""
+
+    def before_backward(self, last: bool) -> None: ...
+
+    def after_backward(self, last: bool) -> None: ...
+
+
 class LocalRunner:
-    def __init__(self, model: Transformer, device: torch.device, comm: Optional[Communicator] = None):
-        self.model, self.device, self.comm = model, device, comm
+    def __init__(self, model: Transformer, device: torch.device, comm: Optional[Communicator] = None,
+                 sync: Optional[GradientSync] = None):
+        self.model, self.device, self.comm, self.sync = model, device, comm, sync
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.sync is not None:
+            self.sync.before_backward(last)
+        loss.backward()
+        if self.sync is not None:
+            self.sync.after_backward(last)
 
     def train_step(self, micro_batch: Callable[[int], MicroBatch], n_micro: int, mtp_weight: float,
                    aux: StepAux, autocast: AbstractContextManager) -> tuple[torch.Tensor, dict]:
@@ -53,17 +70,17 @@ class LocalRunner:
         if self.comm is None or not self.comm.overlap:
             for j in range(n_micro):
                 loss, logged = forward(j)
-                loss.backward()
+                self._backward(loss, last=j == n_micro - 1)
                 sums += logged
             return sums, loads
         loss, logged = forward(0)
         for j in range(1, n_micro):
             ahead: dict = {}
             self.comm.run_pair(SimpleNamespace(run=lambda: ahead.update(out=forward(j))),  # noqa: B023
-                               SimpleNamespace(run=loss.backward))
+                               SimpleNamespace(run=lambda: self._backward(loss, last=False)))  # noqa: B023
             sums += logged
             loss, logged = ahead["out"]
-        loss.backward()
+        self._backward(loss, last=True)
         return sums + logged, loads
 
     @torch.no_grad()

@@ -15,8 +15,9 @@ It is composed of one part per dimension, each in its own module, applied in a f
   schedule); the F&B pairs of either overlap the expert all-to-alls (`overlap`);
 - `replicas`: who holds a copy of which tensor, and the one rule that reduces gradients and router
   counts over the copies.
-A further dimension (ZeRO sharding of the optimizer state) replaces `reduce_and_clip`'s reduction
-and `optimizer_step` and adds its entries to `to_global`/`to_local`; the trainer does not change.
+- `zero` (with parallel.zero > 0 or optimizer offload): DeepSpeed's ZeRO-1/2 optimizer takes over
+  `reduce_and_clip`'s reduction and norm and `optimizer_step`; its optimizer's state_dict is already
+  the whole per-parameter view `to_global` expects. The trainer does not change.
 
 Gradients (the loss of a step is the mean over the dp replicas of each replica's mean loss): a
 parameter's gradient is the sum over all its copies divided by dp (`replicas` says why that also
@@ -44,6 +45,7 @@ from dsv3.parallel.pipeline.config import PAIR_SCHEDULES
 from dsv3.parallel.pipeline_plan import build_pipeline
 from dsv3.parallel.pipeline_runner import PipelineRunner
 from dsv3.parallel.replicas import Replicas
+from dsv3.parallel.zero import ZeroDataParallel
 from dsv3.train.optim import DTYPES, AdamW, parameter_groups
 
 
@@ -60,9 +62,12 @@ class WholeModel:
 class Plan:
     def __init__(self, model: Transformer, layout: Layout, whole: WholeModel,
                  runner: Union[LocalRunner, PipelineRunner], experts: ExpertShards, replicas: Replicas,
-                 comm: Communicator, cfg_parallel: ParallelConfig):
+                 comm: Communicator, cfg_parallel: ParallelConfig, zero: Optional[ZeroDataParallel] = None):
         self.model, self.layout, self.whole, self.cfg_parallel = model, layout, whole, cfg_parallel
         self.runner, self.experts, self.replicas, self.comm = runner, experts, replicas, comm
+        self.zero = zero
+        self._max_norm = 0.0
+        self._memory_reported = False
         self.local_moes = [n for n, m in model.named_modules() if isinstance(m, MoE)]  # model order
         self.optimizer: Optional[torch.optim.Optimizer] = None
 
@@ -112,7 +117,12 @@ class Plan:
         """Turn each rank's gradients into those of the global batch's mean loss; return the global
         gradient norm and scale the gradients to at most `max_norm` when it is > 0. `grad_scale`: the
         factor the backward put on every gradient (fp16's loss scale), divided out here, in the same
-        multiplication as the clipping; the norm returned is the unscaled one."""
+        multiplication as the clipping; the norm returned is the unscaled one. Under ZeRO the scaling
+        happens on the partitions, in `optimizer_step` (fp16 is refused with ZeRO by the config rules)."""
+        if self.zero is not None:
+            assert grad_scale == 1.0, "ZeRO with a loss scale: refused by dsv3/parallel/config_rules.py"
+            self._max_norm = max_norm
+            return self.zero.reduce_and_norm(reduced_in_backward=self.layout.pp == 1)
         self.replicas.reduce_gradients(self.model.named_parameters())
         grads = {n: p.grad for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None}
         norms = {n: torch.linalg.vector_norm(g) for n, g in grads.items() if n not in self.experts.names}
@@ -129,11 +139,17 @@ class Plan:
         return total
 
     def build_optimizer(self, o: OptimConfig) -> torch.optim.Optimizer:
+        if self.zero is not None:
+            self.optimizer = self.zero.build_optimizer(o)
+            return self.optimizer
         self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                                moment_dtype=DTYPES[o.moment_dtype])
         return self.optimizer
 
     def optimizer_step(self, lr: float) -> None:
+        if self.zero is not None:
+            self.zero.step(lr, self._max_norm)
+            return
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
@@ -143,13 +159,30 @@ class Plan:
         """What the plan measured during the last step, for the metrics log: the expert all-to-alls'
         time from issue to completion and the part of it no computation hid (exposed), in seconds;
         the same for those inside F&B pairs (the ones the overlap can hide)."""
+        out: dict = {}
+        if not self._memory_reported:   # once, after the first step created the optimizer state
+            self._memory_reported = True
+            out["optim_state_bytes"] = _per_rank(self.optimizer_state_bytes())
+            if self.zero is not None:
+                out["master_weight_bytes"] = _per_rank(sum(t.numel() * t.element_size()
+                                                           for t in self.zero.master_tensors()))
         stats = self.comm.take_stats()
         if not stats.calls:
-            return {}
-        out = {"a2a_s": stats.in_flight_s, "a2a_exposed_s": stats.exposed_s}
+            return out
+        out.update(a2a_s=stats.in_flight_s, a2a_exposed_s=stats.exposed_s)
         if stats.pair_calls:
             out.update(a2a_pair_s=stats.pair_in_flight_s, a2a_pair_exposed_s=stats.pair_exposed_s)
         return out
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds, summed over the tensors themselves: AdamW's moments
+        and step counts (under ZeRO those of its partitions, wherever they live; its fp32 master-weight
+        partitions are reported apart, as `master_weight_bytes`)."""
+        if self.zero is not None:
+            tensors = self.zero.state_tensors()
+        else:
+            tensors = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def describe(self) -> str:
         lay, p = self.layout, self.cfg_parallel
@@ -157,8 +190,9 @@ class Plan:
                     if p.pp_schedule == "seq1f1b" else "")
         parts = [f"pp={lay.pp} ({p.pp_schedule}{segments})" if lay.pp > 1 else None, f"dp={lay.dp}",
                  f"ep={lay.ep}" if lay.ep > 1 else None,
-                 f"F&B overlap {'on' if self.comm.overlap else 'off'}" if lay.ep > 1 else None]
-        return " x ".join(x for x in parts[:3] if x) + (f", {parts[3]}" if parts[3] else "")
+                 f"F&B overlap {'on' if self.comm.overlap else 'off'}" if lay.ep > 1 else None,
+                 self.zero.describe() if self.zero is not None else None]
+        return " x ".join(x for x in parts[:3] if x) + "".join(f", {x}" for x in parts[3:] if x)
 
     # -- router statistics --------------------------------------------------------------------------
     def sum_router_loads(self, loads: torch.Tensor) -> None:
@@ -194,6 +228,15 @@ class Plan:
         return self.experts.to_local(model_sd, optim_sd)
 
 
+def _per_rank(value: int) -> list[int]:
+    """`value` of every rank, in rank order (collective)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def build_plan(model: Transformer, cfg: Config, env: Env) -> Plan:
     """Apply `cfg.parallel` to a built, initialized model (weights loaded, optimizer not made yet)."""
     layout = make_layout(cfg.parallel, env)
@@ -207,15 +250,24 @@ def build_plan(model: Transformer, cfg: Config, env: Env) -> Plan:
     else:
         runner = LocalRunner(model, env.device, comm)
     names = list(whole.param_index) + list(whole.moe_index)
-    replicas = Replicas({n: holders_of(n) for n in names}, experts.names, layout)
-    return Plan(model, layout, whole, runner, experts, replicas, comm, cfg.parallel)
+    holders = {n: holders_of(n) for n in names}
+    replicas = Replicas(holders, experts.names, layout)
+    zero = None
+    if cfg.parallel.zero > 0 or cfg.parallel.offload_optimizer:
+        zero = ZeroDataParallel(model, layout, holders, experts.names, cfg.parallel)
+        if layout.pp == 1:
+            runner.sync = zero
+    return Plan(model, layout, whole, runner, experts, replicas, comm, cfg.parallel, zero)
 
 
 def overlap_enabled(cfg: Config) -> bool:
     """parallel.overlap, with null meaning: on wherever there is something to overlap (expert
     parallelism, and F&B pairs: DualPipe's, DualPipeV's, or the accumulation's without a pipeline).
     Validation refuses `true` where there is not."""
-    p = cfg.parallel
+    return overlap_enabled_for(cfg.parallel)
+
+
+def overlap_enabled_for(p: ParallelConfig) -> bool:
     if p.overlap is not None:
         return bool(p.overlap)
     return p.ep > 1 and (p.pp == 1 or p.pp_schedule in PAIR_SCHEDULES)

@@ -116,7 +116,7 @@ def make_report(cfg: Config, world_size: int, device: str, search_micro_batch: b
 
 
 def _verdict(cfg: Config, hw: HardwareConfig, memory: list[RankMemory], available: float,
-             setup: PlanSetup) -> tuple[bool, str]:
+             setup: PlanSetup) -> tuple[Optional[bool], str]:
     world = hw.nodes * hw.gpus_per_node
     if setup.world != world:
         return False, f"the plan has {setup.world} ranks but {hw.name} has {world} GPUs"
@@ -127,6 +127,11 @@ def _verdict(cfg: Config, hw: HardwareConfig, memory: list[RankMemory], availabl
     if worst.host and hw.host_memory_gib and worst.host * hw.gpus_per_node > hw.host_memory_gib * GIB:
         return False, (f"the offloaded optimizer state needs {worst.host * hw.gpus_per_node / GIB:.0f} GiB of host "
                        f"memory per node, {hw.name} has {hw.host_memory_gib:.0f}")
+    recompute = cfg.train.activation_checkpointing
+    if recompute != "none":   # not in the activation model yet: it would count what the recomputed modules keep
+        return None, (f"not planned: train.activation_checkpointing={recompute} is not modeled yet, so the activations "
+                      f"above are those without it (an upper bound): {worst.total / GIB:.2f} GiB on the fullest "
+                      f"rank, {available / GIB:.2f} available; docs/memory.md has measured numbers")
     if worst.total <= available:
         return True, f"fits: {worst.total / GIB:.2f} of {available / GIB:.2f} GiB on the fullest rank"
     comps = sorted(worst.components().items(), key=lambda kv: -kv[1])
@@ -223,8 +228,8 @@ def format_table(r: PlanReport) -> str:
     lines.append("")
     lines.append(f"memory: {r.verdict}")
     if r.largest_micro_batch is not None or r.available_bytes is not None:
-        lines.append(f"largest micro-batch that fits: {r.largest_micro_batch if r.largest_micro_batch else 'none'} "
-                     f"(now {p['micro_batch_size']})")
+        lines.append(f"largest micro-batch that fits{' without activation checkpointing' if r.fits is None else ''}: "
+                     f"{r.largest_micro_batch if r.largest_micro_batch else 'none'} (now {p['micro_batch_size']})")
     f = r.flops
     lines.append(f"FLOPs per token (training, model): {f.total / 1e9:.3g} G = GEMMs {f.gemm / 1e9:.3g} G + attention "
                  f"at {p['seq_len']} tokens {f.attention / 1e9:.3g} G + MTP {f.mtp / 1e9:.3g} G")

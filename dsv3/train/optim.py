@@ -5,13 +5,18 @@ from torch import nn
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def decays(name: str, p: torch.Tensor) -> bool:
     """Decay the weight matrices; not norms, biases, or the embedding (whose rows a step barely touches)."""
+    return p.ndim >= 2 and not name.endswith("embed.weight")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """V3's two groups: the parameters that `decays`, with `weight_decay`, and the others without."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.endswith("embed.weight") else decay).append(p)
+        (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

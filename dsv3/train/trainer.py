@@ -33,6 +33,7 @@ from dsv3.train.checkpoint import load_checkpoint, save_checkpoint
 from dsv3.train.loss_scale import loss_scaler
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.nonfinite import NonFiniteSteps, agree_on_step, model_is_finite
+from dsv3.train.recompute import apply_activation_checkpointing
 from dsv3.train.resume import checkpoint_to_resume
 from dsv3.train.stop_signals import StopSignals
 from dsv3.train.weights import load_initial_weights
@@ -57,6 +58,10 @@ def build_model(cfg: Config, device: torch.device) -> Transformer:
 
         fp8_impl = resolve_grouped_gemm_impl(cfg.kernels.grouped_gemm, device, compute_dtype, fp8=True)
         log.info("%s", convert_to_fp8(model, cfg.precision.fp8, fp8_impl, device))
+    if cfg.train.activation_checkpointing != "none":
+        n = apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        log.info("activation checkpointing: %s (%d modules recompute in the backward)",
+                 cfg.train.activation_checkpointing, n)
     return model
 
 

@@ -44,12 +44,12 @@ def test_cluster_16b_splits_experts_within_a_node():
 
 
 def test_v3_production_layout_validates_for_2048_ranks():
-    """PP16 x EP64 with DualPipe on 2048 GPUs (V3 report §3.2): 128 dp ranks per stage, in EP groups of 64;
+    """PP16 x EP64 with DualPipe and ZeRO-1 on 2048 GPUs (V3 report §3.2): 128 dp ranks per stage, in EP groups of 64;
     120 micro-batches of one sequence per dp rank (15360 sequences, no ramp)."""
     cfg = compose_experiment("moe_tiny", "model=deepseek_v3_671b", "parallel=v3_pp16_ep64", "data.seq_len=4096",
                              "train.global_batch_size=15360", "train.micro_batch_size=1")
     validate(cfg, world_size=2048)
-    assert (cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.pp_schedule) == (16, 64, "dualpipe")
+    assert (cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.pp_schedule, cfg.parallel.zero) == (16, 64, "dualpipe", 1)
     cfg.parallel.ep = 128
     with pytest.raises(ConfigError, match="parallel.ep=128"):   # 1024 ranks leave 64 dp ranks per stage
         validate(cfg, world_size=1024)
@@ -60,3 +60,13 @@ def test_composed_presets_validate_on_4_ranks(preset):
     cfg = compose_experiment("moe_tiny", f"parallel={preset}", "train.micro_batch_size=1")
     validate(cfg, world_size=4)
     assert (cfg.parallel.pp, cfg.parallel.ep) == (2, 2)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_rtx_card_offloads_the_optimizer_and_recomputes_moe_layers(precision):
+    """One 24 GB card: the optimizer in host memory (CPU Adam needs fp32 moments, also under FP8's
+    preset, which would set bf16) and the MoE layers recomputed (docs/memory.md sizes it)."""
+    cfg = compose_experiment("rtx_card", f"precision={precision}")
+    validate(cfg, world_size=1)
+    assert cfg.parallel.offload_optimizer and cfg.optim.moment_dtype == "fp32"
+    assert cfg.train.activation_checkpointing == "moe" and cfg.precision.dtype == precision

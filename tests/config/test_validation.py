@@ -247,3 +247,44 @@ def test_init_from_weights_of_another_architecture_is_a_config_error(tmp_path):
     cfg.model.dim = 32
     with pytest.raises(ConfigError, match="no \\*.safetensors weights"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("world,overrides,key,allowed", [
+    (1, {"parallel.zero": 3}, "parallel.zero", "must be 0 (no sharding), 1 (optimizer state sharded) or 2"),
+    (4, {"parallel.pp": 2, "parallel.zero": 2}, "parallel.zero", "2 is not supported with pipeline parallelism"),
+    (1, {"parallel.offload_optimizer": True, "optim.moment_dtype": "bf16"}, "optim.moment_dtype",
+     "must be fp32 with parallel.offload_optimizer=true"),
+    (1, {"train.activation_checkpointing": "mlp"}, "train.activation_checkpointing",
+     "must be one of none, full, moe, attention"),
+    (2, {"parallel.ep": 2, "train.activation_checkpointing": "moe"}, "train.activation_checkpointing",
+     "cannot run inside the F&B pairs"),
+    (1, {"parallel.zero": 1, "precision.dtype": "fp16"}, "parallel.zero", "is not supported with precision.dtype=fp16"),
+])
+def test_zero_and_recompute_rules_name_the_key(world, overrides, key, allowed):
+    from dsv3.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(_config({**PIPELINE, **overrides}), world_size=world)
+    assert err.value.key == key and allowed in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("world,overrides", [
+    (4, {"parallel.pp": 2, "parallel.zero": 1, "train.activation_checkpointing": "full"}),
+    (2, {"parallel.ep": 2, "parallel.zero": 2, "parallel.overlap": False, "train.activation_checkpointing": "moe"}),
+    (2, {"parallel.ep": 2, "train.activation_checkpointing": "attention", "optim.moment_dtype": "bf16",
+         "parallel.zero": 1}),
+])
+def test_zero_and_recompute_combinations_that_work_pass(world, overrides):
+    from dsv3.config import validate
+
+    validate(_config({**PIPELINE, **overrides}), world_size=world)
+
+
+def test_offload_without_a_buildable_cpu_adam_exits_2(monkeypatch):
+    from dsv3.config import ConfigError, validate
+    from dsv3.parallel import zero
+
+    monkeypatch.setattr(zero, "cpu_adam_available", lambda: "no compiler (test)")
+    with pytest.raises(ConfigError) as err:
+        validate(_config({"parallel.offload_optimizer": True}), world_size=1)
+    assert err.value.key == "parallel.offload_optimizer" and "no compiler (test)" in str(err.value)

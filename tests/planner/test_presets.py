@@ -12,7 +12,8 @@ from dsv3.config.validate import validate
 from dsv3.planner.report import make_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FITS = {"rtx_card": True, "h100_card": True, "node_16b": True, "cluster_16b": True, "cluster_16b_ext32k": True,
+# None: the planner cannot say (rtx_card recomputes its MoE layers, which the activation model does not know yet)
+FITS = {"rtx_card": None, "h100_card": True, "node_16b": True, "cluster_16b": True, "cluster_16b_ext32k": True,
         "cluster_16b_ext128k": False, "v3_671b": False, "v3_671b_ext32k": False, "v3_671b_ext128k": False}
 
 
@@ -38,6 +39,8 @@ def test_preset_validates_and_the_planner_says_whether_it_fits(name):
     validate(unread, world_size=world, local_world_size=hw.gpus_per_node)
     report = make_report(cfg, world, "cuda", search_micro_batch=False)
     assert report.fits is FITS[name], report.verdict
-    if not report.fits:
+    if report.fits is False:
         assert report.verdict.startswith("does not fit") and "activations" in report.verdict
+    if report.fits is None:
+        assert report.verdict.startswith("not planned: train.activation_checkpointing=")
     assert report.timing is not None and report.timing.step_s > 0
