@@ -102,7 +102,11 @@ class ParallelConfig:
     stage also embeds, the last one runs the final norm, the head and MTP. With ep > 1 the EP groups are
     made of the dp ranks of each stage (ep must divide dp), as in V3's PP16 x EP64."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev (see docs/pipeline.md)."""
+    """Pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev | seq1f1b (see docs/pipeline.md)."""
+    seq_chunks: int = 1
+    """With pp_schedule=seq1f1b: each sequence is cut into this many equal segments that flow through the
+    pipeline as micro-batches (Seq1F1B, arXiv 2406.03488): a segment attends to the keys/values of its
+    sequence's earlier segments, backward runs them in reverse order. Must divide data.seq_len; 1 elsewhere."""
     microbatches: int = -1
     """Micro-batches per optimizer step and data-parallel rank: train.global_batch_size / (train.micro_batch_size
     * dp). -1 derives it; a value given must equal it. With pp > 1 it is what the schedule is built for
@@ -364,6 +368,41 @@ class LoggingConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The machines a run is planned for (`configs/hardware/`, `+hardware=...`): read by the planner
+    (`launch/plan.py`, dsv3/planner) and by the trainer's startup memory line; training itself does not
+    depend on it. Peak rates are dense (no sparsity), per GPU; bandwidths are per GPU and direction."""
+
+    name: str = ""
+    """The preset's name; empty = no hardware given (the planner then reports memory without a verdict)."""
+    gpu: str = ""
+    """What the GPU is, for the report (e.g. "H800 SXM 80GB")."""
+    nodes: int = 1
+    """Machines in the job."""
+    gpus_per_node: int = 1
+    """GPUs (ranks) per machine; the planned world size is nodes * gpus_per_node."""
+    memory_gib: float = 0.0
+    """Memory of one GPU in GiB."""
+    reserved_gib: float = 0.0
+    """Part of it no tensor of the plan gets: CUDA context, communication libraries' buffers, allocator
+    fragmentation (not modeled tensor by tensor; a rule of thumb per card)."""
+    compute_capability: str = ""
+    """CUDA compute capability ("8.9", "9.0"): FP8 needs 8.9 or newer."""
+    bf16_tflops: float = 0.0
+    """Dense BF16 tensor-core peak (TFLOP/s, FP32 accumulation), the reference of MFU."""
+    fp8_tflops: float = 0.0
+    """Dense FP8 tensor-core peak (TFLOP/s); 0 = no FP8."""
+    intra_node_gbs: float = 0.0
+    """Achievable GPU-to-GPU bandwidth inside a node (GB/s per GPU and direction: NVLink, or PCIe)."""
+    inter_node_gbs: float = 0.0
+    """Achievable network bandwidth between nodes (GB/s per GPU and direction: InfiniBand/RoCE NIC)."""
+    host_memory_gib: float = 0.0
+    """CPU memory per node in GiB (what optimizer offload may use)."""
+    mfu: float = 0.4
+    """Model FLOPs utilization assumed for the planner's time estimates (model FLOPs / (time * peak))."""
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -378,6 +417,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     # post-training (R1): dsv3/config/post_training.py
     tasks: TaskConfig = field(default_factory=TaskConfig)
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm("accuracy", 1.0), RewardTerm("format", 0.1)])

@@ -3,7 +3,7 @@ dsv3/config/rules.py. The world is pp x dp ranks; expert parallelism lives insid
 from dsv3.config.errors import ConfigError
 from dsv3.config.rules import World, one_of, require
 from dsv3.config.schema import Config
-from dsv3.parallel.pipeline.config import SCHEDULE_NAMES, validate_pipeline
+from dsv3.parallel.pipeline.config import SCHEDULE_NAMES, validate_pipeline, validate_seq_chunks
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -19,6 +19,7 @@ def pipeline_rules(cfg: Config, world: World) -> None:
     one_of("parallel.pp_schedule", p.pp_schedule, SCHEDULE_NAMES)
     require(p.microbatches == -1 or p.microbatches >= 1, "parallel.microbatches", p.microbatches,
             "must be >= 1, or -1 to derive it from the batch sizes")
+    validate_seq_chunks(p.pp, p.pp_schedule, p.seq_chunks, cfg.data.seq_len)
     if p.pp > 1:
         require(t.batch_ramp_start == 0, "train.batch_ramp_start", t.batch_ramp_start,
                 "must be 0 with parallel.pp > 1: the schedule is built for a fixed number of micro-batches")

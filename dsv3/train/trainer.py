@@ -26,6 +26,7 @@ from dsv3.model.moe import MoE
 from dsv3.model.step_aux import StepAux
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import build_plan
+from dsv3.planner.report import memory_line
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import load_checkpoint, save_checkpoint
@@ -127,6 +128,7 @@ class Trainer:
             log.info("data: %s%s%s", self.train_data.describe(),
                      f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
                      "; attention masked at document boundaries" if cfg.data.document_masks else "")
+            log.info("memory: %s", memory_line(cfg, env.world_size, env.device.type))   # launch/plan.py's model
 
     # -- data (what a fine-tuning trainer replaces) -----------------------------------------------------
     def make_data(self):
