@@ -88,9 +88,12 @@ setup(
         # 3.6's interpreter needs numpy < 2.4 (see docs/gpu.md).
         # datasets: the tests write real `save_to_disk` directories for prepare_data to read
         # trl: its GRPOTrainer's loss is the reference of ours (tests/rl/test_grpo_loss.py, tested with 1.16)
+        # wandb: the tests run logging.wandb=true in offline mode
         "test": ["pytest>=8", "transformers>=4.57", "triton>=3.6", "matplotlib>=3.7", "pyarrow>=14",
-                 "zstandard>=0.22", "datasets>=2.14", "trl>=1.16,<2"],
+                 "zstandard>=0.22", "datasets>=2.14", "trl>=1.16,<2", "wandb>=0.17"],
         "bench": ["transformers>=4.57", "matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7"],  # launch/plot.py
+        "wandb": ["wandb>=0.17"],  # logging.wandb=true
     },
     ext_modules=[dispatch_extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -34,6 +34,7 @@ from dsv3.kernels.ops import resolve_grouped_gemm_impl  # noqa: E402
 from dsv3.model import Transformer, init_weights  # noqa: E402
 from dsv3.model.step_aux import StepAux  # noqa: E402
 from dsv3.train.optim import AdamW, parameter_groups  # noqa: E402
+from dsv3.train.perf import model_flops_per_token  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,22 +60,6 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 x (activated matmul parameters) + attention's QK^T and PV (x3 for forward and backward)."""
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    q = (cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank * cfg.n_heads * qk) if cfg.q_lora_rank else cfg.dim * cfg.n_heads * qk
-    attn = (q + cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-            + cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + cfg.n_heads * cfg.v_head_dim * cfg.dim)
-    moe = 3 * cfg.dim * cfg.moe_inter_dim * (cfg.n_activated_experts + cfg.n_shared_experts) + cfg.dim * cfg.n_routed_experts
-    dense = 3 * cfg.dim * cfg.inter_dim
-    blocks = cfg.n_layers + cfg.mtp_depth
-    params = (blocks * attn + cfg.n_dense_layers * dense + (blocks - cfg.n_dense_layers) * moe
-              + cfg.dim * cfg.vocab_size * (1 + cfg.mtp_depth) + cfg.mtp_depth * 2 * cfg.dim * cfg.dim)
-    # causal attention: on average seq_len / 2 keys per query, QK^T and PV, 2 flops per MAC
-    attn_core = blocks * cfg.n_heads * (qk + cfg.v_head_dim) * seq_len / 2 * 2
-    return 6 * params + 3 * attn_core
 
 
 class OursStep:

@@ -28,6 +28,15 @@ register()
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
+    if cfg.checkpoint.init_from is not None:
+        # a run's checkpoint directory means its latest step: how a phase starts from the previous one's end
+        # (context extension after pretraining); what is not a checkpoint at all, the rule names
+        from dsv3.train.weights import checkpoint_step
+
+        try:
+            cfg.checkpoint.init_from = checkpoint_step(cfg.checkpoint.init_from)
+        except FileNotFoundError:
+            pass
     validate_or_exit(cfg)
     run_dir = HydraConfig.get().runtime.output_dir
     setup_logging(run_dir)

@@ -28,6 +28,20 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def assert_same_expert_loads(reference_dir: str, other_dir: str, atol: float) -> None:
+    """expert_load.jsonl of two runs: the same records, every layer's per-expert shares within atol."""
+    def read(run_dir: str) -> list[dict]:
+        with open(os.path.join(run_dir, "expert_load.jsonl")) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    a, b = read(reference_dir), read(other_dir)
+    assert [(r["step"], r["steps"]) for r in a] == [(r["step"], r["steps"]) for r in b] and a
+    for ra, rb in zip(a, b):
+        assert len(ra["load"]) == len(rb["load"])
+        for la, lb in zip(ra["load"], rb["load"]):
+            assert max(abs(x - y) for x, y in zip(la, lb)) <= atol, (ra["step"], la, lb)
+
+
 def torchrun_cmd(nproc: int, run_dir: str, *overrides: str) -> list[str]:
     """The same entry point under torchrun (--standalone picks a free rendezvous port)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -24,6 +24,7 @@ RULE_MODULES = (
     "dsv3.parallel.config_rules",   # parallel.*, and how the batch splits over the plan
     "dsv3.fp8.config_rules",        # precision.fp8.* and the device FP8 needs
     "dsv3.kernels.config_rules",    # kernels.*: the implementation asked for runs on this device
+    "dsv3.planner.config_rules",    # hardware.* (what the planner plans for)
 )
 
 

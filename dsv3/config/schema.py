@@ -102,7 +102,11 @@ class ParallelConfig:
     stage also embeds, the last one runs the final norm, the head and MTP. With ep > 1 the EP groups are
     made of the dp ranks of each stage (ep must divide dp), as in V3's PP16 x EP64."""
     pp_schedule: str = "1f1b"
-    """Pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev (see docs/pipeline.md)."""
+    """Pipeline schedule: 1f1b | zb1p | dualpipe | dualpipev | seq1f1b (see docs/pipeline.md)."""
+    seq_chunks: int = 1
+    """With pp_schedule=seq1f1b: each sequence is cut into this many equal segments that flow through the
+    pipeline as micro-batches (Seq1F1B, arXiv 2406.03488): a segment attends to the keys/values of its
+    sequence's earlier segments, backward runs them in reverse order. Must divide data.seq_len; 1 elsewhere."""
     microbatches: int = -1
     """Micro-batches per optimizer step and data-parallel rank: train.global_batch_size / (train.micro_batch_size
     * dp). -1 derives it; a value given must equal it. With pp > 1 it is what the schedule is built for
@@ -206,6 +210,10 @@ class OptimConfig:
     """Clip the global gradient norm to this; 0 disables clipping."""
     moment_dtype: str = "fp32"
     """Dtype of AdamW's first and second moments: fp32 | bf16 (V3 keeps them in BF16)."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise learning rates: the output head, final norm and MTP modules train at the schedule's
+    rate, layer i at layer_lr_decay ** (n_layers - i) times it and the embedding at
+    layer_lr_decay ** (n_layers + 1); 1.0 = one rate for all (V3). In (0, 1]."""
 
 
 @dataclass
@@ -301,6 +309,11 @@ class TrainConfig:
     """auto | cpu | cuda."""
     threads: int = 0
     """CPU intra-op threads (torch.set_num_threads); 0 = torch's default."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[a, b]: record a torch.profiler trace (with memory) of training steps a..b into <run dir>/profile/;
+    [] = off."""
+    compile: bool = False
+    """torch.compile every transformer block (main layers and MTP modules), in place."""
     activation_checkpointing: str = "none"
     """Recompute activations in the backward instead of keeping them (dsv3/train/recompute.py):
     `none`; `full` (every transformer block, MTP's included, keeps only its input); `moe` (only the
@@ -334,6 +347,62 @@ class KernelsConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go besides `metrics.jsonl`, TensorBoard and the log, and how throughput is judged."""
+
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`; not a dependency of dsv3)."""
+    wandb_project: str = "dsv3"
+    """W&B project."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (team or user); default: yours."""
+    wandb_name: Optional[str] = None
+    """Display name of the W&B run; default: `run_name`."""
+    wandb_id: Optional[str] = None
+    """W&B run id; default: derived from `run_name` and the run directory, so a resumed run continues it."""
+    wandb_mode: str = "online"
+    """online | offline (no network: the run is written under <run dir>/wandb; `wandb sync` uploads it)."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one device for the MFU; 0 = the datasheet's dense BF16 rate of a known GPU, else
+    measured at start-up (a GEMM in the run's compute dtype)."""
+
+
+@dataclass
+class HardwareConfig:
+    """The machines a run is planned for (`configs/hardware/`, `+hardware=...`): read by the planner
+    (`launch/plan.py`, dsv3/planner) and by the trainer's startup memory line; training itself does not
+    depend on it. Peak rates are dense (no sparsity), per GPU; bandwidths are per GPU and direction."""
+
+    name: str = ""
+    """The preset's name; empty = no hardware given (the planner then reports memory without a verdict)."""
+    gpu: str = ""
+    """What the GPU is, for the report (e.g. "H800 SXM 80GB")."""
+    nodes: int = 1
+    """Machines in the job."""
+    gpus_per_node: int = 1
+    """GPUs (ranks) per machine; the planned world size is nodes * gpus_per_node."""
+    memory_gib: float = 0.0
+    """Memory of one GPU in GiB."""
+    reserved_gib: float = 0.0
+    """Part of it no tensor of the plan gets: CUDA context, communication libraries' buffers, allocator
+    fragmentation (not modeled tensor by tensor; a rule of thumb per card)."""
+    compute_capability: str = ""
+    """CUDA compute capability ("8.9", "9.0"): FP8 needs 8.9 or newer."""
+    bf16_tflops: float = 0.0
+    """Dense BF16 tensor-core peak (TFLOP/s, FP32 accumulation), the reference of MFU."""
+    fp8_tflops: float = 0.0
+    """Dense FP8 tensor-core peak (TFLOP/s); 0 = no FP8."""
+    intra_node_gbs: float = 0.0
+    """Achievable GPU-to-GPU bandwidth inside a node (GB/s per GPU and direction: NVLink, or PCIe)."""
+    inter_node_gbs: float = 0.0
+    """Achievable network bandwidth between nodes (GB/s per GPU and direction: InfiniBand/RoCE NIC)."""
+    host_memory_gib: float = 0.0
+    """CPU memory per node in GiB (what optimizer offload may use)."""
+    mfu: float = 0.4
+    """Model FLOPs utilization assumed for the planner's time estimates (model FLOPs / (time * peak))."""
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -347,6 +416,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     # post-training (R1): dsv3/config/post_training.py
     tasks: TaskConfig = field(default_factory=TaskConfig)
     rewards: list[RewardTerm] = field(default_factory=lambda: [RewardTerm("accuracy", 1.0), RewardTerm("format", 0.1)])

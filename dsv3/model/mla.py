@@ -30,6 +30,9 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.softmax_scale = softmax_scale(cfg)
+        # (k, v) -> (k, v) with the keys/values of earlier positions of the same sequences put first, for a
+        # caller that runs a sequence in segments (Seq1F1B); None: the input is the whole sequence.
+        self.kv_prefix = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -54,10 +57,19 @@ class MLA(nn.Module):
         pad = q.shape[-1] - self.v_head_dim
         if pad > 0:
             v = F.pad(v, (0, pad))
+        if self.kv_prefix is not None:
+            k, v = self.kv_prefix(k, v)
+            if mask is None and k.shape[1] > S:   # causal, the queries being the last S of the positions
+                mask = prefix_causal_mask(S, k.shape[1], x.device)
         # By default packed documents attend causally across document boundaries, as in the V3 report.
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                            is_causal=mask is None, scale=self.softmax_scale)
         return self.wo(o[..., :self.v_head_dim].transpose(1, 2).reshape(B, S, -1))
+
+
+def prefix_causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """[S, T] boolean: query s (at position T-S+s) may attend to keys 0..T-S+s."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(keys - queries)
 
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:

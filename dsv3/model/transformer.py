@@ -105,14 +105,18 @@ class Transformer(nn.Module):
         return cross_entropy(self.head(self.norm(h)), labels, aux.loss_normalizer if aux is not None else None)
 
     def mtp_losses(self, h: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor,
-                   documents: torch.Tensor | None = None, aux: Optional[StepAux] = None) -> list[torch.Tensor]:
+                   documents: torch.Tensor | None = None, aux: Optional[StepAux] = None,
+                   start: int = 0) -> list[torch.Tensor]:
+        """`h` holds positions start.. of the sequences `tokens`/`labels` (all of them unless a caller runs a
+        sequence in segments): depth k predicts from the positions whose token k+1 ahead is known."""
         losses = []
         for k, module in enumerate(self.mtp, start=1):
-            length = tokens.shape[1] - k
-            cos, sin = self.rope(length)
+            length = min(h.shape[1], tokens.shape[1] - k - start)
+            cos, sin = self.rope(start + length)
+            cos, sin = cos[start:], sin[start:]
             mask = None if documents is None else document_mask(documents[:, :length])
-            h = module(h[:, :length], self.embed(tokens[:, k:]), cos, sin, mask, aux)
-            losses.append(cross_entropy(self.head(module.norm(h)), labels[:, k:],
+            h = module(h[:, :length], self.embed(tokens[:, start + k:start + k + length]), cos, sin, mask, aux)
+            losses.append(cross_entropy(self.head(module.norm(h)), labels[:, start + k:start + k + length],
                                         aux.loss_normalizer if aux is not None else None))
         return losses
 

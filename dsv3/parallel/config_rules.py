@@ -3,7 +3,7 @@ dsv3/config/rules.py. The world is pp x dp ranks; expert parallelism lives insid
 from dsv3.config.errors import ConfigError
 from dsv3.config.rules import World, one_of, require
 from dsv3.config.schema import Config
-from dsv3.parallel.pipeline.config import SCHEDULE_NAMES, validate_pipeline
+from dsv3.parallel.pipeline.config import SCHEDULE_NAMES, validate_pipeline, validate_seq_chunks
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -19,6 +19,7 @@ def pipeline_rules(cfg: Config, world: World) -> None:
     one_of("parallel.pp_schedule", p.pp_schedule, SCHEDULE_NAMES)
     require(p.microbatches == -1 or p.microbatches >= 1, "parallel.microbatches", p.microbatches,
             "must be >= 1, or -1 to derive it from the batch sizes")
+    validate_seq_chunks(p.pp, p.pp_schedule, p.seq_chunks, cfg.data.seq_len)
     if p.pp > 1:
         require(t.batch_ramp_start == 0, "train.batch_ramp_start", t.batch_ramp_start,
                 "must be 0 with parallel.pp > 1: the schedule is built for a fixed number of micro-batches")
@@ -127,6 +128,10 @@ def zero_rules(cfg: Config, world: World) -> None:
     require(cfg.precision.dtype != "fp16", key, value,
             "is not supported with precision.dtype=fp16 (the loss scale is not passed to DeepSpeed's ZeRO "
             "optimizer): use precision.dtype=bf16 or fp32 with ZeRO and optimizer offload")
+    # the ZeRO optimizer builds its own parameter groups (experts x decay), one learning rate each
+    require(o.layer_lr_decay == 1.0, key, value,
+            f"is not supported with optim.layer_lr_decay={o.layer_lr_decay} (the ZeRO optimizer's parameter groups "
+            "have one learning rate): use optim.layer_lr_decay=1 with ZeRO and optimizer offload")
     try:
         import deepspeed  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any failure means it cannot run

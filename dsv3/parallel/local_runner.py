@@ -19,6 +19,7 @@ import torch
 from dsv3.model import Transformer
 from dsv3.model.step_aux import StepAux, add_loads
 from dsv3.parallel.overlap import Communicator
+from dsv3.train.heldout import heldout_names, heldout_sums
 
 # (tokens [b, S], labels [b, S], the tokens' document numbers [b, S] with data.document_masks, else None)
 MicroBatch = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
@@ -83,10 +84,14 @@ class LocalRunner:
         self._backward(loss, last=True)
         return sums + logged, loads
 
+    @property
+    def eval_names(self) -> list[str]:
+        return heldout_names(len(self.model.mtp))
+
     @torch.no_grad()
-    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
-                  autocast: AbstractContextManager) -> Optional[torch.Tensor]:
-        """Main next-token CE of one batch (the held-out loss)."""
+    def eval_sums(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
+                  autocast: AbstractContextManager) -> Optional[dict[str, torch.Tensor]]:
+        """Held-out figures of one batch, summed over its predictions: the main loss, accuracy and the MTP
+        modules' (dsv3/train/heldout.py)."""
         self.model.eval()
-        with autocast:
-            return self.model.main_loss(self.model.hidden(tokens, documents), labels)
+        return heldout_sums(self.model, tokens, labels, documents, autocast)

@@ -77,6 +77,7 @@ class StepContext:
     autocast: AbstractContextManager = field(default_factory=nullcontext)
     mtp_weight: float = 0.0
     aux: StepAux = field(default_factory=StepAux)
+    start: int = 0                # position of the chunk's first token in its sequences (Seq1F1B's segments)
     main: list[torch.Tensor] = field(default_factory=list)
     mtp: list[torch.Tensor] = field(default_factory=list)
     balance: list[torch.Tensor] = field(default_factory=list)
@@ -113,7 +114,9 @@ class StageBody(nn.Module):
         aux = self.ctx.forward_aux(self)
         with self.ctx.autocast:
             h = self.embed(x) if self.embed is not None else x
-            cos, sin = self.rope(h.shape[1])
+            start = self.ctx.start
+            cos, sin = self.rope(start + h.shape[1])
+            cos, sin = cos[start:], sin[start:]
             for layer in self.layers.values():
                 h = layer(h, cos, sin, aux=aux)
         self.ctx.record(aux, h.device)
@@ -132,12 +135,24 @@ class HeadLoss(nn.Module):
         self.ctx = ctx
 
     def forward(self, h: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """`h` holds positions ctx.start.. of the sequences `target` = (tokens, labels): all of them, or a
+        Seq1F1B segment of L. A segment's losses are weighed so that their mean over the sequence's N
+        segments is the sequence's: a mean CE (every label counts, pretraining) as it is for the main
+        head (N equal parts), and times (its positions) * N / (the sequence's S-k) for MTP depth k (the
+        last segment has k fewer); a CE summed over the counted labels and divided by the StepAux's
+        `loss_normalizer` (SFT) times N."""
         tokens, labels = target
-        model = self._model[0]
+        model, start, length, seq = self._model[0], self.ctx.start, h.shape[1], tokens.shape[1]
         aux = self.ctx.forward_aux(self)
         with self.ctx.autocast:
-            main = model.main_loss(h, labels, aux)
-            mtp_losses = model.mtp_losses(h, tokens, labels, aux=aux)
+            main = model.main_loss(h, labels[:, start:start + length], aux)
+            mtp_losses = model.mtp_losses(h, tokens, labels, aux=aux, start=start)
+        if length < seq:
+            n = seq // length
+            if aux is not None and aux.loss_normalizer is not None:
+                main, mtp_losses = main * n, [x * n for x in mtp_losses]
+            else:
+                mtp_losses = [x * (min(length, seq - k - start) * n / (seq - k)) for k, x in enumerate(mtp_losses, 1)]
         mtp = torch.stack(mtp_losses).mean() if mtp_losses else torch.zeros((), device=h.device)
         if aux is not None:
             self.ctx.main.append(main.detach().float())

@@ -14,6 +14,7 @@ from dsv3.parallel.model_stages import StageLayout, StepContext, cut_model
 from dsv3.parallel.overlap import Communicator
 from dsv3.parallel.pipeline import build_schedule
 from dsv3.parallel.pipeline_runner import PipelineRunner
+from dsv3.parallel.seq1f1b import SegmentKV
 
 
 def build_pipeline(model: Transformer, cfg: Config, layout: Layout, comm: Communicator
@@ -25,9 +26,15 @@ def build_pipeline(model: Transformer, cfg: Config, layout: Layout, comm: Commun
     ctx = StepContext()
     stages = cut_model(model, stage_layout, layout.pp_rank, ctx)
     microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)
-    schedule = build_schedule(p.pp_schedule, p.pp, microbatches)
-    act_shape = (cfg.train.micro_batch_size, cfg.data.seq_len, m.dim)
+    # Seq1F1B: the schedule's micro-batches are the sequences' segments
+    n = p.seq_chunks if p.pp_schedule == "seq1f1b" else 1
+    schedule = build_schedule(p.pp_schedule, p.pp, microbatches * n, n)
+    act_shape = (cfg.train.micro_batch_size, cfg.data.seq_len // n, m.dim)
+    if n > 1:
+        for stage in stages:
+            stage.carry = SegmentKV([stage.module] + ([stage.loss_fn] if stage.loss_fn is not None else []), ctx, n,
+                                    cfg.data.seq_len // n)
     device = next(model.parameters()).device
     runner = PipelineRunner(schedule, stages, ctx, layout.pp_rank, layout.mesh.get_group("pp"), act_shape, device,
-                            overlap=comm.run_pair)
+                            overlap=comm.run_pair, seq_chunks=n)
     return runner, stage_layout

@@ -19,9 +19,11 @@ import torch
 import torch.distributed as dist
 
 from dsv3.model.step_aux import StepAux
+from dsv3.model.transformer import IGNORE
 from dsv3.parallel.model_stages import HeadLoss, StepContext
 from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
 from dsv3.parallel.pipeline.schedule import Schedule
+from dsv3.train.heldout import heldout_names
 
 # (tokens [b, S], labels [b, S], document numbers: always None here, validation refuses document
 # masks with pipelines, whose stages pass on activations only)
@@ -42,8 +44,9 @@ class PipelineRunner:
 
     def __init__(self, schedule: Schedule, stages: list[Stage], ctx: StepContext, pp_rank: int,
                  group: dist.ProcessGroup, act_shape: tuple[int, int, int], device: torch.device,
-                 overlap: Optional[OverlapHook] = None):
+                 overlap: Optional[OverlapHook] = None, seq_chunks: int = 1):
         self.schedule, self.stages, self.ctx = schedule, {s.index: s for s in stages}, ctx
+        self.seq_chunks = seq_chunks    # Seq1F1B: schedule micro-batch u is segment u % N of micro-batch u // N
         self.pp_rank, self.group, self.device = pp_rank, group, device
         # The residual stream stays in the parameters' dtype (fp32 master weights): autocast lowers
         # GEMM outputs only, and the residual additions promote back.
@@ -71,25 +74,47 @@ class PipelineRunner:
         `micro_batch(j)` loads micro-batch j; it is called only for the micro-batches whose first
         or last stage runs here. Returns [main CE, MTP CE, balance loss] summed over what this rank
         computed and divided by m (summed over the pipeline ranks it is the replica's mean), and the
-        expert counts of this rank's MoE layers over the step."""
-        m = self.schedule.microbatches
-        assert n_micro == m, (n_micro, m)  # the batch ramp is refused with pp > 1 (dsv3/parallel/config_rules.py)
+        expert counts of this rank's MoE layers over the step. Seq1F1B: the schedule's m micro-batches
+        are the n_micro micro-batches' segments."""
+        m, n = self.schedule.microbatches, self.seq_chunks
+        assert n_micro * n == m, (n_micro, n, m)  # no batch ramp with pp > 1 (dsv3/parallel/config_rules.py)
         inputs: list = [None] * m
         targets: list = [None] * m
-        for j in sorted(set(self._first) | set(self._last)):
-            tokens, labels, _ = micro_batch(j)
-            inputs[j], targets[j] = tokens, (tokens, labels)
+        loaded: dict[int, MicroBatch] = {}
+        for u in sorted(set(self._first) | set(self._last)):
+            if u // n not in loaded:
+                loaded[u // n] = micro_batch(u // n)
+            tokens, labels, _ = loaded[u // n]
+            length = tokens.shape[1] // n
+            inputs[u], targets[u] = tokens[:, u % n * length:(u % n + 1) * length], (tokens, labels)
         for mod in self._modules():
             mod.train()
         t = self.ctx
         t.clear()
+        if n > 1:   # Seq1F1B: each segment's balance loss weighs 1/N of its micro-batch's (alpha / n_micro)
+            aux = StepAux(aux.balance_coeff / n, aux.loss_normalizer, aux.grad_scale)
         t.autocast, t.mtp_weight, t.aux = autocast, mtp_weight, aux
         self.executor.step(inputs, targets)
         zero = torch.zeros((), device=self.device)
+        # each schedule micro-batch's losses are a mean over the batch's sequences (segments: see HeadLoss)
         sums = torch.stack([torch.stack(xs).sum() if xs else zero for xs in (t.main, t.mtp, t.balance)]) / m
         loads = t.loads
         t.clear()
         return sums, loads
+
+    @property
+    def eval_names(self) -> list[str]:
+        return heldout_names(None)  # the main loss only: the stages run the main model
+
+    @torch.no_grad()
+    def eval_sums(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
+                  autocast: AbstractContextManager) -> Optional[dict[str, torch.Tensor]]:
+        """The held-out loss of one batch summed over its predictions (`eval_names`), on the rank running
+        the last stage; None on the others."""
+        loss = self.eval_loss(tokens, labels, documents, autocast)
+        n = float((labels != IGNORE).sum())  # the labels that count (fine-tuning masks the prompt's)
+        return None if loss is None else {"loss": loss.float() * n if n else loss.new_zeros(()),
+                                          "count": loss.new_tensor(n)}
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],

@@ -106,11 +106,18 @@ class Plan:
             dist.all_reduce(parts)
         return parts / self.dp
 
-    def eval_loss(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
-                  autocast: AbstractContextManager) -> Optional[torch.Tensor]:
-        """Main next-token CE of one batch, no backward; None on ranks that do not compute it (not the
-        last pipeline stage). Every rank of a replica, and of an EP group, must call it alike."""
-        return self.runner.eval_loss(tokens, labels, documents, autocast)
+    @property
+    def eval_names(self) -> list[str]:
+        """The keys of `eval_sums`' figures (dsv3/train/heldout.py), the same on every rank."""
+        return self.runner.eval_names
+
+    def eval_sums(self, tokens: torch.Tensor, labels: torch.Tensor, documents: Optional[torch.Tensor],
+                  autocast: AbstractContextManager) -> Optional[dict[str, torch.Tensor]]:
+        """Held-out figures of one batch summed over its predictions, no backward: the main loss, and
+        where the runner holds the whole model accuracy and the MTP modules' figures; None on ranks
+        that compute none (not the last pipeline stage). Every rank of a replica, and of an EP group,
+        must call it alike."""
+        return self.runner.eval_sums(tokens, labels, documents, autocast)
 
     @torch.no_grad()
     def reduce_and_clip(self, max_norm: float, grad_scale: float = 1.0) -> torch.Tensor:
@@ -142,8 +149,8 @@ class Plan:
         if self.zero is not None:
             self.optimizer = self.zero.build_optimizer(o)
             return self.optimizer
-        self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                               moment_dtype=DTYPES[o.moment_dtype])
+        self.optimizer = AdamW(parameter_groups(self.model, o.weight_decay, o.layer_lr_decay), lr=o.lr,
+                               betas=o.betas, eps=o.eps, moment_dtype=DTYPES[o.moment_dtype])
         return self.optimizer
 
     def optimizer_step(self, lr: float) -> None:
@@ -186,7 +193,9 @@ class Plan:
 
     def describe(self) -> str:
         lay, p = self.layout, self.cfg_parallel
-        parts = [f"pp={lay.pp} ({p.pp_schedule})" if lay.pp > 1 else None, f"dp={lay.dp}",
+        segments = ("; each sequence in {} segments, the balance loss's statistics per segment".format(p.seq_chunks)
+                    if p.pp_schedule == "seq1f1b" else "")
+        parts = [f"pp={lay.pp} ({p.pp_schedule}{segments})" if lay.pp > 1 else None, f"dp={lay.dp}",
                  f"ep={lay.ep}" if lay.ep > 1 else None,
                  f"F&B overlap {'on' if self.comm.overlap else 'off'}" if lay.ep > 1 else None,
                  self.zero.describe() if self.zero is not None else None]

@@ -1,4 +1,4 @@
-"""Config rules of the training run (`precision.dtype`, `optim.*`, `train.*`, `checkpoint.*`), registered
+"""Config rules of the training run (`precision.dtype`, `optim.*`, `train.*`, `logging.*`, `checkpoint.*`), registered
 in dsv3/config/rules.py. Checkpoints the config names are checked here too: their files (sizes against
 the manifest; the checksums when the ranks load them) and, for `checkpoint.init_from`, the architecture."""
 import os
@@ -9,6 +9,7 @@ from dsv3.config.schema import Config
 
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE_POLICIES = ("skip", "stop")
+WANDB_MODES = ("online", "offline")
 
 
 def precision_and_optim_rules(cfg: Config, world: World) -> None:
@@ -39,6 +40,8 @@ def precision_and_optim_rules(cfg: Config, world: World) -> None:
         require(getattr(o, key) >= 0, f"optim.{key}", getattr(o, key), "must be >= 0")
     require(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
     require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    require(0 < o.layer_lr_decay <= 1, "optim.layer_lr_decay", o.layer_lr_decay,
+            "must be in (0, 1] (1 = one learning rate for all layers)")
     for phase in o.tail:
         require(len(phase) == 2 and phase[0] >= 0 and phase[1] >= 0, "optim.tail", list(o.tail),
                 "must be a list of [steps, lr] pairs")
@@ -111,4 +114,25 @@ def checkpoint_rules(cfg: Config, world: World) -> None:
                 f"holds weights of another architecture: {differences} (the config's value first)")
 
 
-RULES = (precision_and_optim_rules, train_rules, checkpoint_rules)
+def observability_rules(cfg: Config, world: World) -> None:
+    """What a run shows of itself: the profiler window, torch.compile, W&B, the MFU peak."""
+    t, lg = cfg.train, cfg.logging
+    steps = list(t.profile_steps)
+    if steps:
+        require(len(steps) == 2 and 1 <= steps[0] <= steps[1], "train.profile_steps", steps,
+                "must be [] (off) or [a, b] with 1 <= a <= b (steps are counted from 1, as in the progress line)")
+        require(steps[0] <= t.max_steps, "train.profile_steps", steps,
+                f"must start at or before train.max_steps ({t.max_steps})")
+    require(not (t.compile and cfg.precision.dtype == "fp8"), "train.compile", t.compile,
+            "is not supported with precision=fp8 yet (the FP8 modules are not compiled); use precision=bf16 or "
+            "fp32 with train.compile=true")
+    if lg.wandb:
+        from dsv3.train.wandb_sink import wandb_available
+
+        require(wandb_available(), "logging.wandb", lg.wandb, "needs the wandb package, which is not installed: "
+                "pip install wandb (or set logging.wandb=false)")
+    one_of("logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
+    require(lg.peak_tflops >= 0, "logging.peak_tflops", lg.peak_tflops, "must be >= 0 (0 = datasheet or measured)")
+
+
+RULES = (precision_and_optim_rules, train_rules, observability_rules, checkpoint_rules)

@@ -1,5 +1,5 @@
-"""What a run reports: a progress line, `metrics.jsonl` (one object per logged step) and TensorBoard events.
-Only the main rank writes."""
+"""What a run reports: a progress line, `metrics.jsonl` (one object per logged step), TensorBoard events
+and any further sinks (Weights & Biases). Only the main rank writes."""
 import json
 import logging
 import math
@@ -17,9 +17,11 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, enabled: bool, max_steps: int, tensorboard: bool = True):
+    def __init__(self, run_dir: str, enabled: bool, max_steps: int, tensorboard: bool = True, sinks=()):
+        """`sinks`: objects with log(step, metrics) and close(), given every logged record."""
         self.enabled, self.max_steps = enabled, max_steps
         self._jsonl = self._tb = None
+        self._sinks = list(sinks) if enabled else []
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -45,6 +47,8 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        for sink in self._sinks:
+            sink.log(step, metrics)
         if self._first_step is None:
             self._first_step, self._first_time = step, time.time()
         done = step - self._first_step
@@ -58,6 +62,10 @@ class MetricsLogger:
             parts.append(f"lr {metrics['lr']:.2e}")
         if "tokens_per_s" in metrics:
             parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
+        if "mfu" in metrics:
+            parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+        if "peak_mem_gib" in metrics:
+            parts.append(f"mem {metrics['peak_mem_gib']:.2f} GiB")
         if "max_vio" in metrics:
             parts.append(f"maxvio {metrics['max_vio']:.2f}")
         if "a2a_s" in metrics:  # expert all-to-alls on rank 0: issue to completion, and what was not hidden
@@ -73,3 +81,6 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []

@@ -22,18 +22,24 @@ from dsv3.config.schema import Config
 from dsv3.data.loading import build_data
 from dsv3.kernels.ops import resolve_grouped_gemm_impl
 from dsv3.model import Transformer, init_weights
+from dsv3.model.moe import MoE
 from dsv3.model.step_aux import StepAux
-from dsv3.model.transformer import IGNORE
 from dsv3.parallel.mesh import Env, all_reduce_sum
 from dsv3.parallel.plan import build_plan
+from dsv3.planner.report import memory_line
 from dsv3.train import schedules
 from dsv3.train.balance import update_router_biases
 from dsv3.train.checkpoint import load_checkpoint, save_checkpoint
+from dsv3.train.compile import compile_regions
+from dsv3.train.heldout import heldout_figures
 from dsv3.train.loss_scale import loss_scaler
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.nonfinite import NonFiniteSteps, agree_on_step, model_is_finite
+from dsv3.train.perf import Throughput
+from dsv3.train.profiling import StepProfiler
 from dsv3.train.recompute import apply_activation_checkpointing
 from dsv3.train.resume import checkpoint_to_resume
+from dsv3.train.routing_stats import ExpertLoadLog, RoutedTokenCounter
 from dsv3.train.stop_signals import StopSignals
 from dsv3.train.weights import load_initial_weights
 
@@ -84,12 +90,25 @@ class Trainer:
         self.plan = build_plan(self.model, cfg, env)
         self.dp, self.dp_rank = self.plan.dp, self.plan.dp_rank
         self.moe_layers = self.model.moe_layers()
+        if t.compile:
+            log.info("train.compile: %d regions compiled on first use (dsv3/train/compile.py)",
+                     compile_regions(self.model))
         self.optimizer = self.plan.build_optimizer(cfg.optim)
         self.state = TrainState()
         self.nonfinite = NonFiniteSteps(t.on_nonfinite, t.max_consecutive_skips)
         self.autocast = precision.autocast(cfg.precision.dtype, env.device.type)
         self.scaler = loss_scaler(cfg.precision)  # fp16 only
-        self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps)
+        sinks = []
+        if cfg.logging.wandb and env.is_main:
+            from dsv3.train.wandb_sink import WandbSink
+
+            sinks.append(WandbSink(cfg.logging, run_dir, cfg.run_name, asdict(cfg)))
+        self.metrics = MetricsLogger(run_dir, env.is_main, t.max_steps, sinks=sinks)
+        self.expert_loads = ExpertLoadLog(run_dir, env.is_main)
+        self.profiler = StepProfiler(t.profile_steps, run_dir, env.rank, env.device)
+        self.throughput = Throughput(cfg.model, cfg.data.seq_len, env.world_size, env.device,
+                                     precision.compute_dtype(cfg.precision.dtype, env.device.type),
+                                     cfg.logging.peak_tflops)
         if resume is not None:
             scaler = {"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
             saved = load_checkpoint(resume, self.model, self.optimizer, self.plan, optional_train=scaler)
@@ -109,6 +128,7 @@ class Trainer:
             log.info("data: %s%s%s", self.train_data.describe(),
                      f"; FIM on {cfg.data.fim_rate:.0%} of training documents" if cfg.data.fim_rate else "",
                      "; attention masked at document boundaries" if cfg.data.document_masks else "")
+            log.info("memory: %s", memory_line(cfg, env.world_size, env.device.type))   # launch/plan.py's model
 
     # -- data (what a fine-tuning trainer replaces) -----------------------------------------------------
     def make_data(self):
@@ -148,7 +168,7 @@ class Trainer:
         log.error("stopping at step %d: %s; nothing saved, the checkpoints in %s are untouched (lower optim.lr, "
                   "raise optim.warmup_steps or set optim.grad_clip, then resume with "
                   "train.resume_allow_changes=[optim])", self.state.step, why, self.cfg.checkpoint.dir)
-        self.metrics.close()
+        self.close()
         raise SystemExit(exit_codes.DIVERGED)
 
     # -- steps -------------------------------------------------------------------------------------------
@@ -192,6 +212,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         balance = update_router_biases(self.moe_layers, loads, schedules.bias_update_speed(st.step, t) if finite
                                        else 0.0, self.plan.sum_router_loads, self.plan.all_layers)
+        no_moe = torch.zeros(0, cfg.model.n_routed_experts, device=self.env.device)  # a stage without MoE layers
+        self.expert_loads.add(balance.pop("expert_load", no_moe))
         st.step += 1
         st.consumed_samples += batch_size
         data = self.train_data.report(st.consumed_samples - batch_size, st.consumed_samples, st.step)
@@ -209,8 +231,10 @@ class Trainer:
         return {"val_loss": self.evaluate()}
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token loss on a fixed slice of the held-out split (the same samples for every plan)."""
+    def evaluate(self) -> dict[str, float]:
+        """Figures on a fixed slice of the held-out split (the same samples for every plan): the mean
+        next-token loss; where one process holds the whole model also accuracy and the MTP module's
+        (dsv3/train/heldout.py); and the load balance over the whole slice (MaxVio_global)."""
         t = self.cfg.train
         n = min(len(self.val_data), t.val_samples)
         mine = list(range(self.dp_rank, n, self.dp))
@@ -218,16 +242,21 @@ class Trainer:
         # A forward may exchange tokens with other ranks (expert parallelism): all run as many as the busiest.
         busiest = -(-n // self.dp)
         chunks += [[]] * (-(-busiest // t.micro_batch_size) - len(chunks))
-        # evaluation forwards get no StepAux: per-chunk means, weighted below by the labels that count
-        total = torch.zeros(2, device=self.env.device)
-        for chunk in chunks:
-            tokens, labels, docs = self._val_batch(chunk or [0])  # [0]: a filler, not counted
-            loss = self.plan.eval_loss(tokens, labels, docs, self.autocast)  # None off the last stage
-            counted = float((labels != IGNORE).sum())
-            if chunk and loss is not None and counted > 0:
-                total += torch.stack([loss.float() * counted, loss.new_tensor(counted)])
+        # evaluation forwards get no StepAux: per-chunk sums over the labels that count (dsv3/train/heldout.py)
+        names = self.plan.eval_names
+        total = torch.zeros(len(names), device=self.env.device)
+        main_model = [not name.startswith("mtp.") for name, m in self.model.named_modules() if isinstance(m, MoE)]
+        counter = RoutedTokenCounter(self.moe_layers, self.cfg.model.n_routed_experts, self.env.device, main_model)
+        with counter:
+            for chunk in chunks:
+                counter.counting = bool(chunk)
+                tokens, labels, docs = self._val_batch(chunk or [0])  # [0]: a filler, not counted
+                sums = self.plan.eval_sums(tokens, labels, docs, self.autocast)  # None off the last stage
+                if chunk and sums is not None:
+                    total += torch.stack([sums[name].float() for name in names])
         all_reduce_sum(total)
-        return (total[0] / total[1]).item()
+        return {**heldout_figures(dict(zip(names, total))),
+                **counter.max_vio(self.plan.sum_router_loads, self.plan.all_layers)}
 
     def run(self) -> None:
         t, c = self.cfg.train, self.cfg.checkpoint
@@ -235,12 +264,21 @@ class Trainer:
             log.info("nothing to do: step %d >= train.max_steps=%d", self.state.step, t.max_steps)
         with StopSignals(c.on_signal) as stop:
             while self.state.step < t.max_steps:
+<<<<<<< HEAD
                 start = time.time()
                 metrics = self.train_step()
                 elapsed = time.time() - start
                 if "tokens_per_s" not in metrics:
                     metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
+=======
+                with self.profiler.step(self.state.step + 1):  # writing a trace is not part of the step's time
+                    start = time.time()
+                    metrics = self.train_step()
+                    elapsed = time.time() - start
+                metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
+>>>>>>> main
                 metrics["step_time_s"] = elapsed
+                metrics.update(self.throughput.figures(metrics["tokens_per_s"]))
                 step = self.state.step
                 last = step == t.max_steps
                 # an fp16 overflow is the loss scale's to fix, not divergence
@@ -256,11 +294,18 @@ class Trainer:
                     if self.nonfinite.must_stop:
                         self.metrics.log(step, metrics)
                         self._stop_diverged(f"{self.nonfinite.consecutive} non-finite step(s) in a row")
+<<<<<<< HEAD
                 validated = bool(t.val_every and step % t.val_every == 0) or last
                 if validated:
                     metrics.update(self.validation_metrics())
                 if step % t.log_every == 0 or last or validated or metrics["skipped"]:
+=======
+                if (t.val_every and step % t.val_every == 0) or last:
+                    metrics.update(self.evaluate())
+                if step % t.log_every == 0 or last or "val_loss" in metrics or metrics["skipped"]:
+>>>>>>> main
                     self.metrics.log(step, metrics)
+                    self.expert_loads.write(step, self.cfg.model.n_routed_experts, self.plan.all_layers)
                 # not in a run of skipped steps: a checkpoint of the same weights would prune a good one
                 saved = (c.every and step % c.every == 0 and not self.nonfinite.consecutive) or last
                 if saved:
@@ -271,9 +316,14 @@ class Trainer:
                         self.save()
                     log.warning("stopping after step %d on %s; resume with train.resume=auto", step,
                                 signal.Signals(signum).name)
-                    self.metrics.close()
+                    self.close()
                     raise SystemExit(exit_codes.signalled(signum))
+        self.close()
+
+    def close(self) -> None:
+        self.profiler.close()
         self.metrics.close()
+        self.expert_loads.close()
 
 
 def train(cfg: Config, run_dir: str, env: Env) -> None:

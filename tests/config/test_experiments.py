@@ -11,7 +11,7 @@ from dsv3.config.validate import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENTS = sorted(f[:-5] for f in os.listdir(f"{ROOT}/configs/experiment") if f.endswith(".yaml"))
-WORLD_SIZE = {"cluster_16b": 64}  # 8 nodes of 8 GPUs, as its header says
+WORLD_SIZE: dict[str, int] = {}  # presets without hardware.* that need more than one rank
 
 
 def compose_experiment(name: str, *overrides: str):
@@ -26,7 +26,10 @@ def test_experiment_validates(name, tmp_path):
     if cfg.data.source == "shards":  # the user's corpus: any directory prepare_data.py wrote
         (tmp_path / "meta.json").write_text(f'{{"vocab_size": {cfg.model.vocab_size}}}')
         cfg.data.path = str(tmp_path)
-    validate(cfg, world_size=WORLD_SIZE.get(name, 1))
+    if cfg.checkpoint.init_from is not None:   # a later phase: the previous phase's weights are not here
+        cfg.checkpoint.init_from = None
+    hw = cfg.hardware
+    validate(cfg, world_size=hw.nodes * hw.gpus_per_node if hw.name else WORLD_SIZE.get(name, 1))
     assert cfg.run_name == name
 
 

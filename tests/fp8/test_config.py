@@ -32,7 +32,7 @@ def test_fp8_on_a_gpu_below_sm89_is_refused_naming_precision_dtype(monkeypatch, 
     with pytest.raises(ConfigError) as err:
         validate(fp8_config())
     assert err.value.key == "precision.dtype"
-    assert f"{capability[0]}.{capability[1]}" in str(err.value) and "precision=bf16" in str(err.value)
+    assert f"{capability[0]}.{capability[1]}" in str(err.value) and "use precision.dtype=bf16 (8.0+) or fp16" in str(err.value)
 
 
 def test_fp8_on_cuda_without_a_gpu_is_the_train_device_rule():

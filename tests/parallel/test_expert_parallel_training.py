@@ -14,8 +14,8 @@ import time
 import pytest
 
 from dsv3.train.checkpoint import latest_checkpoint, step_dir
-from tests.helpers import (ROOT, assert_same_losses, kill_hard, read_metrics, run_pretrain, run_torchrun,
-                           torchrun_cmd)
+from tests.helpers import (ROOT, assert_same_expert_loads, assert_same_losses, kill_hard, read_metrics,
+                           run_pretrain, run_torchrun, torchrun_cmd)
 
 STEPS = 6
 # bias_update_speed large enough that router bias updates (counts summed over all ranks) move the losses.
@@ -51,6 +51,8 @@ def test_ep2_and_ep4_losses_equal_the_single_process_run(single, ep2, tmp_path):
     assert len(reference) == STEPS
     assert_same_losses(reference, read_metrics(ep2), rtol=1e-5, keys=KEYS)
     assert_same_losses(reference, read_metrics(str(tmp_path)), rtol=1e-5, keys=KEYS)
+    for run_dir in (ep2, str(tmp_path)):  # each rank routes its own tokens: the counts summed over the EP group
+        assert_same_expert_loads(single, run_dir, atol=1e-6)
 
 
 def test_ep2_losses_are_the_same_bits_whichever_transport_moves_the_tokens(ep2, tmp_path):

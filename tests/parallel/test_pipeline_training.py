@@ -22,7 +22,7 @@ import subprocess
 import pytest
 
 from dsv3.train.checkpoint import step_dir
-from tests.helpers import assert_same_losses, read_metrics, run_pretrain, run_torchrun
+from tests.helpers import assert_same_expert_loads, assert_same_losses, read_metrics, run_pretrain, run_torchrun
 
 STEPS = 3
 # 4 layers: pp=4 and dualpipev at pp=2 (4 stages) get a layer per stage; micro-batches of one sample
@@ -85,6 +85,8 @@ def assert_close(reference: list[dict], other: list[dict]) -> None:
     assert_same_losses(reference, other, rtol=RTOL, keys=KEYS)
     if "val_loss" in reference[-1]:
         assert abs(other[-1]["val_loss"] - reference[-1]["val_loss"]) <= RTOL * reference[-1]["val_loss"]
+        # held-out MaxVio: every stage's routers counted, summed over the copies, gathered to all layers
+        assert abs(other[-1]["val_max_vio"] - reference[-1]["val_max_vio"]) <= RTOL * reference[-1]["val_max_vio"]
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -93,6 +95,7 @@ def test_pipelined_run_trains_like_one_process(case, single, pipelined):
     assert [m["step"] for m in reference] == list(range(1, STEPS + 1))
     assert "val_loss" in reference[-1]
     assert_close(reference, read_metrics(pipelined(case)))
+    assert_same_expert_loads(single, pipelined(case), atol=1e-6)  # every stage's layers, in model order
 
 
 def test_pp2_checkpoint_resumes_at_pp1_and_pp1_checkpoint_at_pp2(single, pipelined, args, tmp_path):

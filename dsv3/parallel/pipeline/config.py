@@ -1,10 +1,10 @@
-"""What a pipeline schedule needs of ``parallel.pp``, ``parallel.pp_schedule`` and ``parallel.microbatches``
-(one of the parallel plan's config rules, dsv3/parallel/config_rules.py)."""
+"""What a pipeline schedule needs of ``parallel.pp``, ``parallel.pp_schedule``, ``parallel.microbatches`` and
+``parallel.seq_chunks`` (one of the parallel plan's config rules, dsv3/parallel/config_rules.py)."""
 from __future__ import annotations
 
 from dsv3.config.rules import require
 
-SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
+SCHEDULE_NAMES = ("1f1b", "zb1p", "dualpipe", "dualpipev", "seq1f1b")
 PAIR_SCHEDULES = ("dualpipe", "dualpipev")   # the schedules with overlapped F&B pairs
 
 
@@ -37,3 +37,17 @@ def validate_pipeline(pp: int, schedule: str, microbatches: int, n_layers: int) 
     require(isinstance(n_layers, int) and n_layers >= stages, "parallel.pp", pp,
              f"parallel.pp_schedule={schedule} makes {stages} stages but the model has {n_layers} "
              f"layers and every stage needs one; allowed: pp <= {most}")
+
+
+def validate_seq_chunks(pp: int, schedule: str, seq_chunks: int, seq_len: int) -> None:
+    """Seq1F1B cuts every sequence into `seq_chunks` equal segments that flow as micro-batches."""
+    require(isinstance(seq_chunks, int) and seq_chunks >= 1, "parallel.seq_chunks", seq_chunks,
+            "must be an integer >= 1")
+    if schedule != "seq1f1b":
+        require(seq_chunks == 1, "parallel.seq_chunks", seq_chunks,
+                f"must be 1 unless parallel.pp_schedule=seq1f1b (got {schedule}): only Seq1F1B cuts sequences")
+        return
+    require(pp > 1, "parallel.pp_schedule", schedule,
+            "seq1f1b is a pipeline schedule: it needs parallel.pp > 1")
+    require(seq_len % seq_chunks == 0, "parallel.seq_chunks", seq_chunks,
+            f"must divide data.seq_len={seq_len} (segments of equal length)")

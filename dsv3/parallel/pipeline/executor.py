@@ -44,11 +44,35 @@ class Stage:
         module: runs the stage, see the module docstring for inputs and outputs.
         loss_fn: (output, target) -> mean loss of one micro-batch; required on the last stage,
             must be None elsewhere.
+        carry: what the stage's chunks hand to its later chunks besides the pipeline's activations
+            (`ChunkCarry`, e.g. Seq1F1B's keys and values); None: nothing.
     """
 
     index: int
     module: nn.Module
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None
+    carry: "ChunkCarry | None" = None
+
+
+class ChunkCarry:
+    """Tensors one chunk of a stage hands to later chunks of the same stage, other than through the
+    pipeline: Seq1F1B's keys and values of a sequence's earlier segments (dsv3.parallel.seq1f1b).
+    The later chunks read detached copies; the gradients they leave there must enter the earlier
+    chunk's backward, so the schedule must run the later chunks' backward first."""
+
+    def begin(self, mb: int) -> None:
+        """Before the forward of micro-batch `mb`."""
+
+    def end(self, mb: int) -> list[torch.Tensor]:
+        """After it: the tensors of its graph that later chunks read (extra roots of its backward)."""
+        return []
+
+    def grads(self, mb: int) -> list[torch.Tensor | None]:
+        """Before its backward: the gradients the later chunks left for those tensors (None: unused)."""
+        return []
+
+    def release(self, mb: int) -> None:
+        """After its backward."""
 
 
 @dataclass
@@ -116,8 +140,9 @@ class _Chunk:
     """State of one (stage, micro-batch) between its forward and its backward."""
 
     input: Any
-    outputs: list[torch.Tensor]      # activation (if not last) / loss (if last), then aux loss
+    outputs: list[torch.Tensor]      # activation (if not last) / loss (if last), then aux loss, then carried
     job: WeightGradJob | None = None
+    carried: int = 0                 # how many of the outputs the stage's ChunkCarry handed on
 
 
 class PipelineExecutor:
@@ -339,6 +364,8 @@ class PipelineExecutor:
     def _forward(self, ins: Instr, x: Any) -> None:
         s, m = ins.stage, ins.mb
         stage, route, last = self.stages[s], self.schedule.route(m), self.schedule.n_stages - 1
+        if stage.carry is not None:
+            stage.carry.begin(m)
         out = stage.module(x)
         out, aux = out if isinstance(out, tuple) else (out, None)
         if aux is not None:
@@ -360,26 +387,38 @@ class PipelineExecutor:
             outputs = [out]
         if aux is not None:
             outputs.append(aux)
-        self._chunks[(s, m)] = _Chunk(x, outputs)
+        carried = stage.carry.end(m) if stage.carry is not None else []
+        self._chunks[(s, m)] = _Chunk(x, outputs + carried, carried=len(carried))
 
     def _backward_grads(self, ins: Instr) -> list[torch.Tensor]:
         s, m = ins.stage, ins.mb
-        outputs = self._chunks[(s, m)].outputs
+        chunk = self._chunks[(s, m)]
+        outputs = chunk.outputs[:len(chunk.outputs) - chunk.carried]
+        carried = self.stages[s].carry.grads(m) if chunk.carried else []
+        if len(carried) != chunk.carried:
+            raise RuntimeError(f"stage {s}: {chunk.carried} carried tensors of micro-batch {m} but "
+                               f"{len(carried)} gradients for them")
         # the loss and aux losses of a micro-batch enter with weight 1/m: the sum over the
         # micro-batches is then the mean over the whole batch
         scaled = [torch.full_like(t, 1.0 / self.schedule.microbatches) for t in outputs]
         if s == self.schedule.n_stages - 1:
-            return scaled
+            return scaled + carried
         route = self.schedule.route(m)
-        return [self._receive(("grad", s + 1, m), route[s + 1])] + scaled[1:]
+        return [self._receive(("grad", s + 1, m), route[s + 1])] + scaled[1:] + carried
 
     def _backward(self, ins: Instr, grads: list[torch.Tensor]) -> None:
         s, m = ins.stage, ins.mb
         chunk = self._chunks[(s, m)]
         inputs = [chunk.input] if isinstance(chunk.input, torch.Tensor) else []
+        carry = self.stages[s].carry
         if ins.op is Op.B:
             in_grads = backward_full(chunk.outputs, grads, inputs)
             del self._chunks[(s, m)]
+            if carry is not None:
+                carry.release(m)
+        elif carry is not None:
+            raise RuntimeError(f"stage {s} carries tensors between chunks: its backward must be a full B, "
+                               f"not {ins!r}")
         else:
             in_grads, chunk.job = backward_input(chunk.outputs, grads, inputs, self._params[s])
             chunk.outputs, chunk.input = [], None    # W holds what it needs through the graph

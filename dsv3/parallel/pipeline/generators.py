@@ -1,4 +1,4 @@
-"""Generators of the four schedules: 1F1B, ZB1P, DualPipe, DualPipeV.
+"""Generators of the schedules: 1F1B, ZB1P, DualPipe, DualPipeV, and Seq1F1B (1F1B over sequence segments).
 
 Each returns a `Schedule` (schedule.py). Only the order of compute chunks is decided here; the
 sends and receives follow from it (`add_comms`). The DualPipe/DualPipeV orders follow the step
@@ -24,6 +24,33 @@ def one_f_one_b(pp: int, microbatches: int) -> Schedule:
         order += [Instr(Op.B, r, m) for m in range(microbatches - warmup, microbatches)]
         compute.append(order)
     return add_comms("1f1b", pp, pp, microbatches, [tuple(range(pp))], [0] * microbatches, compute)
+
+
+def seq1f1b(pp: int, microbatches: int, seq_chunks: int = 1) -> Schedule:
+    """Seq1F1B (Zhang et al. 2024, arXiv 2406.03488): 1F1B over sequence segments.
+
+    `microbatches` counts segments: micro-batch u is segment u % N of sequence u // N (N =
+    `seq_chunks`). Forwards run in that order; backwards run each sequence's segments in reverse,
+    because a segment's keys and values are read by the later segments of its sequence, whose
+    backward must have delivered their gradient first. So that the last rank has run a sequence's
+    last segment before its backward starts, every rank warms up with N-1 more forwards than 1F1B:
+    pp-1-r+N-1. Peak alive on rank 0: pp+N-1 segments, (pp+N-1)/N sequences, against 1F1B's pp.
+    """
+    _require(pp >= 1 and microbatches >= 1, "seq1f1b", pp, microbatches)
+    if seq_chunks < 1 or microbatches % seq_chunks:
+        raise ValueError(f"seq1f1b: {microbatches} micro-batches are not whole sequences of "
+                         f"seq_chunks={seq_chunks} segments")
+    n = seq_chunks
+    backward_order = [s * n + (n - 1 - i) for s in range(microbatches // n) for i in range(n)]
+    compute = []
+    for r in range(pp):
+        warmup = min(pp - 1 - r + n - 1, microbatches)
+        order = [Instr(Op.F, r, u) for u in range(warmup)]
+        for k in range(microbatches - warmup):
+            order += [Instr(Op.F, r, warmup + k), Instr(Op.B, r, backward_order[k])]
+        order += [Instr(Op.B, r, u) for u in backward_order[microbatches - warmup:]]
+        compute.append(order)
+    return add_comms("seq1f1b", pp, pp, microbatches, [tuple(range(pp))], [0] * microbatches, compute)
 
 
 def zb1p(pp: int, microbatches: int) -> Schedule:
@@ -252,14 +279,18 @@ def dualpipev(pp: int, microbatches: int) -> Schedule:
     return sched
 
 
-SCHEDULES = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev}
+SCHEDULES = {"1f1b": one_f_one_b, "zb1p": zb1p, "dualpipe": dualpipe, "dualpipev": dualpipev,
+             "seq1f1b": seq1f1b}
 
 
-def build_schedule(name: str, pp: int, microbatches: int) -> Schedule:
-    """The schedule called `name` (config key ``parallel.pp_schedule``) for pp ranks."""
+def build_schedule(name: str, pp: int, microbatches: int, seq_chunks: int = 1) -> Schedule:
+    """The schedule called `name` (config key ``parallel.pp_schedule``) for pp ranks; for seq1f1b,
+    `microbatches` counts segments, `seq_chunks` per sequence."""
     if name not in SCHEDULES:
         raise ValueError(f"parallel.pp_schedule={name!r} is not a known schedule; "
                          f"choose one of {sorted(SCHEDULES)}")
+    if name == "seq1f1b":
+        return seq1f1b(pp, microbatches, seq_chunks)
     return SCHEDULES[name](pp, microbatches)
 
 

@@ -30,6 +30,7 @@ other in a cycle.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .schedule import Instr, Op, Schedule, comm_batches
 
@@ -84,8 +85,8 @@ class SimResult:
     makespan: float
     busy: list[float]
     idle: list[float]
-    peak_activations: list[int]
-    peak_activations_until_w: list[int]
+    peak_activations: list[float]
+    peak_activations_until_w: list[float]
     param_chunks: list[int]
     extra: dict = field(default_factory=dict)
 
@@ -169,23 +170,37 @@ def _inputs_ready(sched, ins, rank, arrival, costs, last) -> float | None:
     return t
 
 
-def peak_activations(sched: Schedule) -> tuple[list[int], list[int]]:
+def peak_activations(sched: Schedule, weight: Callable[[int, int], float] | None = None,
+                     kept_after_i: Callable[[int, int], float] | None = None) -> tuple[list[float], list[float]]:
     """Peak number of chunks per rank whose forward activations are alive, counted in program
     order: a chunk becomes alive when its forward starts and dies when its backward for inputs
     (B or I) ends; `until_w` keeps it alive until its W (the weight gradient still needs the saved
     layer inputs). In an FB pair the new forward's activations exist while the old backward runs,
     so the pair counts both (this is DualPipe's PP+1).
+
+    `weight(stage, mb)`: what one chunk holds (e.g. its bytes, which differ between stages and,
+    for Seq1F1B's segments, between micro-batches); the default counts chunks. `kept_after_i`: the
+    part of it still held between its I and its W (default: all of it).
     """
+    weight = weight or (lambda stage, mb: 1)
+    kept = kept_after_i or weight
     peaks, peaks_w = [], []
     for r in range(sched.pp):
         alive = alive_w = peak = peak_w = 0
         for ins in sched.compute(r):
             parts = ins.parts()
-            alive += sum(p.op is Op.F for p in parts)
-            alive_w += sum(p.op is Op.F for p in parts)
+            born = sum(weight(p.stage, p.mb) for p in parts if p.op is Op.F)
+            alive, alive_w = alive + born, alive_w + born
             peak, peak_w = max(peak, alive), max(peak_w, alive_w)
-            alive -= sum(p.op in (Op.B, Op.I) for p in parts)
-            alive_w -= sum(p.op in (Op.B, Op.W) for p in parts)
+            for p in parts:
+                if p.op in (Op.B, Op.I):
+                    alive -= weight(p.stage, p.mb)
+                if p.op is Op.B:
+                    alive_w -= weight(p.stage, p.mb)
+                elif p.op is Op.I:
+                    alive_w -= weight(p.stage, p.mb) - kept(p.stage, p.mb)
+                elif p.op is Op.W:
+                    alive_w -= kept(p.stage, p.mb)
         peaks.append(peak)
         peaks_w.append(peak_w)
     return peaks, peaks_w
