@@ -228,7 +228,7 @@ class Trainer:
 
     def validation_metrics(self) -> dict:
         """What a periodic validation logs (a fine-tuning trainer may measure something else)."""
-        return {"val_loss": self.evaluate()}
+        return self.evaluate()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -264,19 +264,12 @@ class Trainer:
             log.info("nothing to do: step %d >= train.max_steps=%d", self.state.step, t.max_steps)
         with StopSignals(c.on_signal) as stop:
             while self.state.step < t.max_steps:
-<<<<<<< HEAD
-                start = time.time()
-                metrics = self.train_step()
-                elapsed = time.time() - start
-                if "tokens_per_s" not in metrics:
-                    metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
-=======
                 with self.profiler.step(self.state.step + 1):  # writing a trace is not part of the step's time
                     start = time.time()
                     metrics = self.train_step()
                     elapsed = time.time() - start
-                metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
->>>>>>> main
+                if "tokens_per_s" not in metrics:
+                    metrics["tokens_per_s"] = metrics["global_batch"] * self.cfg.data.seq_len / elapsed
                 metrics["step_time_s"] = elapsed
                 metrics.update(self.throughput.figures(metrics["tokens_per_s"]))
                 step = self.state.step
@@ -294,16 +287,10 @@ class Trainer:
                     if self.nonfinite.must_stop:
                         self.metrics.log(step, metrics)
                         self._stop_diverged(f"{self.nonfinite.consecutive} non-finite step(s) in a row")
-<<<<<<< HEAD
                 validated = bool(t.val_every and step % t.val_every == 0) or last
                 if validated:
                     metrics.update(self.validation_metrics())
                 if step % t.log_every == 0 or last or validated or metrics["skipped"]:
-=======
-                if (t.val_every and step % t.val_every == 0) or last:
-                    metrics.update(self.evaluate())
-                if step % t.log_every == 0 or last or "val_loss" in metrics or metrics["skipped"]:
->>>>>>> main
                     self.metrics.log(step, metrics)
                     self.expert_loads.write(step, self.cfg.model.n_routed_experts, self.plan.all_layers)
                 # not in a run of skipped steps: a checkpoint of the same weights would prune a good one
