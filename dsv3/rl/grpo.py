@@ -173,6 +173,7 @@ class GRPOTrainer(Trainer):
                 skipped = 1
             balance = update_router_biases(self.moe_layers, loads, bias_speed if finite else 0.0,
                                            self.plan.sum_router_loads, self.plan.all_layers)
+            balance.pop("expert_load", None)  # per-expert counts: pretraining's expert-load log, not a metric
         keys = sorted(s)
         totals = torch.tensor([s[k] for k in keys], dtype=torch.float64, device=dev)
         all_reduce_sum(totals)
