@@ -3,10 +3,13 @@ import logging
 import os
 import sys
 import time
+from typing import Callable, TypeVar
 
 from dsv3 import exit_codes
 from dsv3.config import ConfigError, validate
 from dsv3.config.schema import Config
+
+T = TypeVar("T")
 
 # How long a rank other than 0 waits before reporting a config error itself. Every rank validates the
 # same config, so rank 0 usually fails alike and torchrun ends the others within this delay (it polls
@@ -46,3 +49,19 @@ def validate_or_exit(cfg: Config) -> None:
         validate(cfg, world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     except ConfigError as e:
         exit_on_config_error(e)
+
+
+def start_from_checkpoint(cfg: Config, prepare: Callable[[Config], T]) -> tuple[T, str]:
+    """What a post-training entry point does first: `prepare(cfg)` completes the config from the
+    checkpoint it names (a config error there exits 2, as validation's does), then validation and
+    logging into Hydra's run directory. Returns what `prepare` returned and the run directory."""
+    try:
+        prepared = prepare(cfg)
+    except ConfigError as e:
+        exit_on_config_error(e)
+    validate_or_exit(cfg)
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    setup_logging(run_dir)
+    return prepared, run_dir

@@ -23,9 +23,8 @@ from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsv3.config.errors import ConfigError  # noqa: E402
 from dsv3.config.store import register, to_config  # noqa: E402
-from dsv3.launch_utils import setup_logging, validate_or_exit  # noqa: E402
+from dsv3.launch_utils import start_from_checkpoint  # noqa: E402
 
 register()
 
@@ -35,16 +34,7 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     from dsv3.rl.start import prepare_from_checkpoint, trained_system_prompt
 
-    try:
-        tokenizer = prepare_from_checkpoint(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    validate_or_exit(cfg)
-    from hydra.core.hydra_config import HydraConfig
-
-    run_dir = HydraConfig.get().runtime.output_dir
-    setup_logging(run_dir)
+    tokenizer, run_dir = start_from_checkpoint(cfg, prepare_from_checkpoint)
 
     import logging
 

@@ -13,14 +13,12 @@ import os
 import sys
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsv3.config.errors import ConfigError  # noqa: E402
 from dsv3.config.store import register, to_config  # noqa: E402
-from dsv3.launch_utils import setup_logging, validate_or_exit  # noqa: E402
+from dsv3.launch_utils import start_from_checkpoint  # noqa: E402
 
 register()
 
@@ -35,14 +33,7 @@ def prepare(cfg):
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
-    try:
-        tokenizer = prepare(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    validate_or_exit(cfg)
-    run_dir = HydraConfig.get().runtime.output_dir
-    setup_logging(run_dir)
+    tokenizer, run_dir = start_from_checkpoint(cfg, prepare)
 
     from dsv3.parallel.mesh import init_env
     from dsv3.rl.sft import SFTTrainer
