@@ -363,8 +363,9 @@ class LoggingConfig:
     wandb_mode: str = "online"
     """online | offline (no network: the run is written under <run dir>/wandb; `wandb sync` uploads it)."""
     peak_tflops: float = 0.0
-    """Peak TFLOP/s of one device for the MFU; 0 = the datasheet's dense BF16 rate of a known GPU, else
-    measured at start-up (a GEMM in the run's compute dtype)."""
+    """Peak TFLOP/s of one device for the MFU; 0 = on a GPU the hardware preset's `hardware.bf16_tflops`
+    if the run names one, else the datasheet's dense BF16 rate of a known GPU, else measured at start-up
+    (a GEMM in the run's compute dtype)."""
 
 
 @dataclass

@@ -11,10 +11,11 @@ import logging
 import resource
 import sys
 import time
+from typing import Optional
 
 import torch
 
-from dsv3.config.schema import ModelConfig
+from dsv3.config.schema import HardwareConfig, ModelConfig
 
 log = logging.getLogger("dsv3")
 
@@ -63,10 +64,15 @@ def measured_gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024
     return 2 * n ** 3 / best / 1e12
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.0) -> tuple[float, str]:
-    """(TFLOP/s of one device, where the figure comes from)."""
+def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float = 0.0,
+                hardware: Optional[HardwareConfig] = None) -> tuple[float, str]:
+    """(TFLOP/s of one device, where the figure comes from): `logging.peak_tflops`, else the hardware
+    preset's BF16 peak (the planner's reference too) when the run names one and computes on a GPU,
+    else the datasheet of a known GPU, else measured."""
     if configured > 0:
         return configured, "logging.peak_tflops"
+    if hardware is not None and hardware.bf16_tflops > 0 and device.type == "cuda":
+        return hardware.bf16_tflops, f"hardware.bf16_tflops of {hardware.name or hardware.gpu}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in DATASHEET_TFLOPS:
@@ -92,10 +98,11 @@ class Throughput:
     """The figures a progress line and metrics.jsonl carry per step: `mfu` and `peak_mem_gib`."""
 
     def __init__(self, cfg: ModelConfig, seq_len: int, world_size: int, device: torch.device,
-                 compute_dtype: torch.dtype, configured_peak: float = 0.0):
+                 compute_dtype: torch.dtype, configured_peak: float = 0.0,
+                 hardware: Optional[HardwareConfig] = None):
         self.flops_per_token = model_flops_per_token(cfg, seq_len)
         self.device, self.world_size = device, world_size
-        self.peak, self.peak_source = peak_tflops(device, compute_dtype, configured_peak)
+        self.peak, self.peak_source = peak_tflops(device, compute_dtype, configured_peak, hardware)
         log.info("MFU: %.3g GFLOP per token (model FLOPs of a training step) over %d x %.4g TFLOP/s (%s); "
                  "peak memory: %s", self.flops_per_token / 1e9, world_size, self.peak, self.peak_source,
                  "CUDA memory allocated (main rank)" if device.type == "cuda" else "host RSS (main rank)")

@@ -108,7 +108,7 @@ class Trainer:
         self.profiler = StepProfiler(t.profile_steps, run_dir, env.rank, env.device)
         self.throughput = Throughput(cfg.model, cfg.data.seq_len, env.world_size, env.device,
                                      precision.compute_dtype(cfg.precision.dtype, env.device.type),
-                                     cfg.logging.peak_tflops)
+                                     cfg.logging.peak_tflops, cfg.hardware)
         if resume is not None:
             scaler = {"loss_scaler": self.scaler.state_dict()} if self.scaler is not None else {}
             saved = load_checkpoint(resume, self.model, self.optimizer, self.plan, optional_train=scaler)

@@ -133,3 +133,16 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     for step in range(1, 5):
         save_checkpoint(str(tmp_path), step, m, opt, {"step": step, "consumed_samples": 0}, "", keep=2)
     assert sorted(os.listdir(tmp_path)) == ["step_00000003", "step_00000004"]
+
+
+def test_the_mfu_reference_is_the_configured_then_the_hardware_presets_then_a_measured_peak():
+    from dsv3.config.schema import HardwareConfig
+    from dsv3.train.perf import peak_tflops
+
+    h800 = HardwareConfig(name="h800_2048", bf16_tflops=989.4)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert peak_tflops(gpu, torch.bfloat16, 500.0, h800) == (500.0, "logging.peak_tflops")
+    assert peak_tflops(gpu, torch.bfloat16, 0.0, h800) == (989.4, "hardware.bf16_tflops of h800_2048")
+    # a CPU run planned for GPUs measures the CPU, not the GPUs' datasheet
+    value, source = peak_tflops(cpu, torch.float32, 0.0, h800)
+    assert source.startswith("measured") and 0 < value < 989.4
