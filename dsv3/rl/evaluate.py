@@ -1,6 +1,7 @@
 """Accuracy of a model on task problems: sample G completions per problem in the R1 template, score the
 answer field, report pass@1 and pass@k (the unbiased estimator of Chen et al. 2021 from G samples),
-format compliance and completion length, overall and per family."""
+format compliance and completion length, overall and per family; the standard error of each pass@k over
+problems."""
 from collections import defaultdict
 from math import comb
 
@@ -29,6 +30,10 @@ def evaluate(generator: Generator, problems: list[Problem], params: SamplingPara
         lengths.append(len(c.tokens))
     G = params.num_samples
     out = {f"pass@{k}": sum(pass_at_k(G, correct[i], k) for i in range(len(problems))) / len(problems) for k in ks}
+    for k in ks:  # the standard error over problems (the samples of one problem are not independent draws)
+        per = [pass_at_k(G, correct[i], k) for i in range(len(problems))]
+        var = sum((x - out[f"pass@{k}"]) ** 2 for x in per) / max(len(per) - 1, 1)
+        out[f"stderr/pass@{k}"] = (var / len(per)) ** 0.5
     out.update(format=sum(fmt) / len(fmt), mean_length=sum(lengths) / len(lengths), problems=len(problems),
                samples=G)
     families = sorted({p.family for p in problems})

@@ -1,0 +1,145 @@
+"""The R1 evidence (docs/r1.md): held-out accuracy of GRPO runs over their steps against the start model and
+against controls given the same CPU budget, the MoE switches compared, and the distilled dense student
+against the same student trained on the gold answers alone.
+
+    python benchmarks/r1_evidence.py --grpo grpo_s0=runs/ev/grpo_s0 --grpo grpo_s1=... \
+        --eval sft_control_gold=runs/ev/eval_sft_gold --eval distill=runs/ev/eval_distill ... \
+        --json docs/r1_evidence.json --plot docs/img/r1_evidence.png
+
+`--grpo NAME=DIR`: a launch/grpo.py run (its metrics.jsonl: the held-out `eval/*` every train.val_every
+steps, before the first and after the last, and the training metrics of every step). `--eval NAME=DIR`: a
+launch/evaluate.py run (its eval.json), on the same held-out problems with the same sampling seed. A
+`time.txt` in a run directory (`/usr/bin/time -f "%e %U %S"`: wall, user and system seconds of the run)
+is reported as its wall and CPU time. Prints the tables of docs/r1.md; writes the JSON and the picture.
+"""
+import argparse
+import json
+import os
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def run_time(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "time.txt")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        wall, user, system = (float(x) for x in f.read().split()[-3:])
+    return {"wall_s": wall, "cpu_s": user + system}
+
+
+def grpo_summary(run_dir: str, window: int) -> dict:
+    metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    steps = [m for m in metrics if "reward" in m]
+    evals = [m for m in metrics if "eval/pass@1" in m]
+    k = max(int(key.split("@")[1]) for key in evals[0] if key.startswith("eval/pass@") and key.count("/") == 1)
+    curve = [{"step": m["step"], "pass@1": m["eval/pass@1"], "stderr": m.get("eval/stderr/pass@1"),
+              f"pass@{k}": m[f"eval/pass@{k}"], "format": m.get("eval/format")} for m in evals]
+    out = {"kind": "grpo", "k": k, "steps": len(steps), "curve": curve, "start": curve[0], "end": curve[-1],
+           **run_time(run_dir)}
+    first, last = steps[:window], steps[-window:]
+    for key in ("reward", "accuracy", "reward/format", "entropy", "completion_length", "max_vio",
+                "logprob_diff/mean_abs", "logprob_diff/max_abs", "frac_zero_std"):
+        if any(key in m for m in steps):
+            out[f"{key}/first_{window}"] = mean([m[key] for m in first if key in m])
+            out[f"{key}/last_{window}"] = mean([m[key] for m in last if key in m])
+    out["logprob_diff/max_abs/run"] = max((m.get("logprob_diff/max_abs", 0.0) for m in steps), default=0.0)
+    out["step_time_s"] = mean([m["step_time_s"] for m in steps if "step_time_s" in m])
+    return out
+
+
+def eval_summary(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        e = json.load(f)
+    k = e["samples"]
+    return {"kind": "eval", "k": k, "end": {"pass@1": e["pass@1"], "stderr": e["stderr/pass@1"],
+                                            f"pass@{k}": e[f"pass@{k}"], "format": e["format"]},
+            "problems": e["problems"], "checkpoint": e.get("checkpoint"), **run_time(run_dir)}
+
+
+def smooth(xs: list[float], window: int) -> list[float]:
+    return [mean(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
+
+
+def plot(grpo_dirs: dict[str, str], summary: dict, window: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, run_dir in grpo_dirs.items():
+        s = summary[name]
+        xs = [c["step"] for c in s["curve"]]
+        a.errorbar(xs, [c["pass@1"] for c in s["curve"]], yerr=[c["stderr"] or 0 for c in s["curve"]], marker="o",
+                   capsize=3, label=name)
+        steps = [m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "reward" in m]
+        b.plot([m["step"] for m in steps], smooth([m["accuracy"] for m in steps], window), label=name)
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][len(grpo_dirs):])
+    for name, s in summary.items():
+        if s["kind"] == "eval" and not name.startswith(("distill", "student")):
+            c = next(colors, "gray")
+            a.axhline(s["end"]["pass@1"], ls="--", color=c, label=f"{name} (end)")
+            a.axhspan(s["end"]["pass@1"] - s["end"]["stderr"], s["end"]["pass@1"] + s["end"]["stderr"], color=c,
+                      alpha=0.12)
+    a.set(xlabel="GRPO step", ylabel="held-out pass@1 (± standard error)", title="held-out problems")
+    b.set(xlabel="GRPO step", ylabel=f"accuracy of the sampled groups (mean of {window} steps)",
+          title="training prompts (same distribution, disjoint)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grpo", action="append", default=[], help="NAME=RUN_DIR of a launch/grpo.py run")
+    parser.add_argument("--eval", action="append", default=[], help="NAME=RUN_DIR of a launch/evaluate.py run")
+    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args()
+    grpo_dirs = dict(item.split("=", 1) for item in args.grpo)
+    eval_dirs = dict(item.split("=", 1) for item in args.eval)
+    summary = {name: grpo_summary(d, args.window) for name, d in grpo_dirs.items()}
+    summary.update({name: eval_summary(d) for name, d in eval_dirs.items()})
+    print("| run | held-out pass@1 at the start | at the end | pass@k start | pass@k end | wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, s in summary.items():
+        k = s["k"]
+        start = s.get("start")
+        end = s["end"]
+        st = f"{start['pass@1']:.3f} ± {start['stderr']:.3f}" if start else ""
+        stk = f"{start[f'pass@{k}']:.3f}" if start else ""
+        print(f"| {name} | {st} | {end['pass@1']:.3f} ± {end['stderr']:.3f} | {stk} | {end[f'pass@{k}']:.3f} (k={k}) "
+              f"| {s.get('wall_s', float('nan')):.0f} | {s.get('cpu_s', float('nan')):.0f} |")
+    w = args.window
+    if grpo_dirs:
+        print(f"\n| GRPO run | accuracy first {w} | last {w} | MaxVio first {w} | last {w} | "
+              f"log-prob diff mean | max | s/step |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in grpo_dirs:
+            s = summary[name]
+            print(f"| {name} | {s[f'accuracy/first_{w}']:.3f} | {s[f'accuracy/last_{w}']:.3f} | "
+                  f"{s.get(f'max_vio/first_{w}', float('nan')):.3f} | {s.get(f'max_vio/last_{w}', float('nan')):.3f} | "
+                  f"{s.get(f'logprob_diff/mean_abs/last_{w}', float('nan')):.1e} | {s['logprob_diff/max_abs/run']:.1e} | "
+                  f"{s['step_time_s']:.1f} |")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"window": w, "runs": summary}, f, indent=1)
+    if args.plot and grpo_dirs:
+        plot(grpo_dirs, summary, w, args.plot)
+
+
+if __name__ == "__main__":
+    main()
