@@ -28,40 +28,20 @@ register()
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
-    from dsv3.rl.start import prepare_from_checkpoint, trained_system_prompt
+    from dsv3.rl.start import prepare_from_checkpoint
 
     tokenizer, run_dir = start_from_checkpoint(cfg, prepare_from_checkpoint)
 
     import logging
 
-    import torch
     import torch.distributed as dist
 
-    from dsv3.generate import Generator, SamplingParams
     from dsv3.parallel.mesh import init_env
-    from dsv3.rl.evaluate import evaluate
-    from dsv3.rl.tasks import mixture
-    from dsv3.train.trainer import build_model
-    from dsv3.train.weights import load_initial_weights
+    from dsv3.rl.evaluate import evaluate_checkpoint
 
     env = init_env(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    r, t = cfg.rl, cfg.tasks
-    model = build_model(cfg, env.device)
-    load_initial_weights(cfg.checkpoint.init_from, model, cfg.model)
-    model.eval()
-    problems = mixture(t.families, r.eval_difficulties or t.difficulties, "held_out", r.eval_problems, t.seed,
-                       t.held_out_fraction)
-    params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature,
-                            num_samples=r.eval_samples, seed=cfg.train.seed)
-    ks = (1, r.eval_samples) if r.eval_samples > 1 else (1,)
-    with torch.no_grad():
-        result = evaluate(Generator(model, tokenizer), problems, params,
-                          trained_system_prompt(cfg.checkpoint.init_from), ks)
+    result = evaluate_checkpoint(cfg, tokenizer, env.device)
     if env.is_main:
-        result.update(checkpoint=cfg.checkpoint.init_from, difficulties=list(r.eval_difficulties or t.difficulties),
-                      families=list(t.families), temperature=r.eval_temperature)
         with open(os.path.join(run_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=1)
         logging.getLogger("dsv3").info("evaluation: %s", json.dumps(result))

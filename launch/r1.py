@@ -103,18 +103,68 @@ def plan(chain: dict, out: str, extra: dict[str, list[str]]) -> list[dict]:
                       "command": [sys.executable, os.path.join(ROOT, "launch", p["launcher"] + ".py"), *args]})
     ev = chain.get("evaluate")
     for q in (ev or {}).get("phases") or []:
-        run_dir = os.path.join(out, "eval", q)
-        args = [f"+experiment={ev['experiment']}", f"hydra.run.dir={run_dir}",
-                f"checkpoint.init_from={os.path.join(dirs[q], 'checkpoints')}",
+        args = [f"+experiment={ev['experiment']}", f"checkpoint.init_from={os.path.join(dirs[q], 'checkpoints')}",
                 *common, *(ev.get("overrides") or []), *extra.get("eval", [])]
-        steps.append({"name": f"eval/{q}", "dir": run_dir, "launcher": "evaluate", "init_from": q,
-                      "command": [sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), *args]})
+        # evaluated in this process, one after the other: one interpreter start instead of one per phase
+        steps.append({"name": f"eval/{q}", "dir": os.path.join(out, "eval", q), "launcher": "evaluate",
+                      "init_from": q, "command": ["(in process)", *args]})
     return steps
 
 
 def _children_cpu() -> float:
     u = resource.getrusage(resource.RUSAGE_CHILDREN)
     return u.ru_utime + u.ru_stime
+
+
+def _own_cpu() -> float:
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return u.ru_utime + u.ru_stime
+
+
+def _run_subprocess(step: dict) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    with open(os.path.join(step["dir"], "phase.log"), "a") as log:
+        proc = subprocess.Popen(step["command"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=ROOT, env=env, bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                print(f"[{step['name']}] {line}", end="", flush=True)
+            rc = proc.wait()
+        except KeyboardInterrupt:  # the child got the same Ctrl-C: it saves a checkpoint and exits
+            proc.wait()
+            print(f"[r1] {step['name']}: interrupted; run the same command again to resume", flush=True)
+            raise
+    if rc != 0:
+        print(f"[r1] {step['name']}: failed with exit code {rc} (log: {log.name}); run the same command again "
+              "to resume", flush=True)
+        sys.exit(rc)
+
+
+def _evaluate(step: dict) -> None:
+    """launch/evaluate.py's work on the composed config of this step, in this process."""
+    sys.path.insert(0, ROOT)
+    from hydra import compose, initialize_config_dir
+
+    from dsv3.config import ConfigError, validate
+    from dsv3.config.store import register, to_config
+    from dsv3.parallel.mesh import pick_device
+    from dsv3.rl.evaluate import evaluate_checkpoint
+    from dsv3.rl.start import prepare_from_checkpoint
+
+    register()
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
+        cfg = to_config(compose("config", overrides=step["command"][1:]))
+    try:
+        tokenizer = prepare_from_checkpoint(cfg)
+        validate(cfg, world_size=1, local_world_size=1)
+    except ConfigError as e:
+        raise ChainError(f"{step['name']}: {e}") from None
+    result = evaluate_checkpoint(cfg, tokenizer, pick_device(cfg.train.device, 0))
+    with open(os.path.join(step["dir"], "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"[{step['name']}] pass@1 {result['pass@1']:.3f} ± {result['stderr/pass@1']:.3f}, format "
+          f"{result['format']:.2f}", flush=True)
 
 
 def run_step(step: dict, index: int, total: int) -> dict:
@@ -130,29 +180,18 @@ def run_step(step: dict, index: int, total: int) -> dict:
                              f"{step['dir']} to run it again")
         print(f"[r1] {index}/{total} {step['name']}: done before ({done['wall_s']:.0f} s), skipped", flush=True)
         return done
-    resumed = os.path.isdir(os.path.join(step["dir"], "checkpoints"))
-    print(f"[r1] {index}/{total} {step['name']}: {'resuming' if resumed else 'running'}: {shown}", flush=True)
     os.makedirs(step["dir"], exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-    start, cpu0 = time.perf_counter(), _children_cpu()
-    with open(os.path.join(step["dir"], "phase.log"), "a") as log:
-        proc = subprocess.Popen(step["command"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=ROOT, env=env, bufsize=1)
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                print(f"[{step['name']}] {line}", end="", flush=True)
-            rc = proc.wait()
-        except KeyboardInterrupt:  # the child got the same Ctrl-C: it saves a checkpoint and exits
-            rc = proc.wait()
-            print(f"[r1] {step['name']}: interrupted; run the same command again to resume", flush=True)
-            raise
-    if rc != 0:
-        print(f"[r1] {step['name']}: failed with exit code {rc} (log: {log.name}); run the same command again "
-              "to resume", flush=True)
-        sys.exit(rc)
+    start, cpu0 = time.perf_counter(), _children_cpu() + _own_cpu()
+    if step["launcher"] == "evaluate":
+        print(f"[r1] {index}/{total} {step['name']}: running: evaluate {shown}", flush=True)
+        _evaluate(step)
+    else:
+        resumed = os.path.isdir(os.path.join(step["dir"], "checkpoints"))
+        print(f"[r1] {index}/{total} {step['name']}: {'resuming' if resumed else 'running'}: {shown}", flush=True)
+        _run_subprocess(step)
     record = {"name": step["name"], "command": step["command"], "init_from": step["init_from"],
-              "wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(_children_cpu() - cpu0, 1)}
+              "wall_s": round(time.perf_counter() - start, 1),
+              "cpu_s": round(_children_cpu() + _own_cpu() - cpu0, 1)}
     tmp = marker + ".tmp"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)

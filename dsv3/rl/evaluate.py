@@ -41,3 +41,36 @@ def evaluate(generator: Generator, problems: list[Problem], params: SamplingPara
         idx = [i for i, p in enumerate(problems) if p.family == f]
         out[f"pass@1/{f}"] = sum(correct[i] for i in idx) / (G * len(idx))
     return out
+
+
+
+def evaluate_checkpoint(cfg, tokenizer, device) -> dict:
+    """Held-out accuracy of the checkpoint `cfg.checkpoint.init_from` (cfg and `tokenizer` as
+    dsv3.rl.start.prepare_from_checkpoint left them): `rl.eval_problems` problems of the held-out split of
+    `tasks.families` at `rl.eval_difficulties` (empty: `tasks.difficulties`), those a GRPO run with the same
+    settings evaluates on; `rl.eval_samples` samples each at `rl.eval_temperature`, seeded by `train.seed`,
+    in the template with the system prompt the checkpoint was trained with. Data parallel under torchrun."""
+    import torch
+
+    from dsv3.rl.start import trained_system_prompt
+    from dsv3.rl.tasks import mixture
+    from dsv3.train.trainer import build_model
+    from dsv3.train.weights import load_initial_weights
+
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    r, t = cfg.rl, cfg.tasks
+    model = build_model(cfg, device)
+    load_initial_weights(cfg.checkpoint.init_from, model, cfg.model)
+    model.eval()
+    difficulties = list(r.eval_difficulties or t.difficulties)
+    problems = mixture(t.families, difficulties, "held_out", r.eval_problems, t.seed, t.held_out_fraction)
+    params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.eval_temperature,
+                            num_samples=r.eval_samples, seed=cfg.train.seed)
+    ks = (1, r.eval_samples) if r.eval_samples > 1 else (1,)
+    with torch.no_grad():
+        result = evaluate(Generator(model, tokenizer), problems, params, trained_system_prompt(cfg.checkpoint.init_from),
+                          ks)
+    result.update(checkpoint=cfg.checkpoint.init_from, difficulties=difficulties, families=list(t.families),
+                  temperature=r.eval_temperature)
+    return result

@@ -55,9 +55,12 @@ def test_every_phase_ran_and_chains_by_init_from(chain):
         record = json.load(open(os.path.join(out, phase, "phase.json")))
         assert record["cpu_s"] > 0 and record["init_from"] == STARTS.get(phase)
         start = STARTS.get(phase)
-        if start:  # the run's saved config names the latest checkpoint of the phase it starts from
+        if start:  # the run's config names the checkpoints of the phase it starts from; trainers load the latest
             cfg = open(os.path.join(out, phase, ".hydra", "config.yaml")).read()
-            assert f"init_from: {checkpoint_step(os.path.join(out, start, 'checkpoints'))}" in cfg
+            assert f"init_from: {os.path.join(out, start, 'checkpoints')}\n" in cfg
+            if phase != "rejection":
+                latest = checkpoint_step(os.path.join(out, start, "checkpoints"))
+                assert f"initialized weights from {latest}\n" in open(os.path.join(out, phase, "phase.log")).read()
         if phase != "rejection":
             checkpoint_step(os.path.join(out, phase, "checkpoints"))  # raises when there is none
     traces = [json.loads(line) for line in open(os.path.join(out, "rejection", "traces.jsonl"))]
