@@ -59,6 +59,9 @@ def grpo_rules(cfg: Config, world: World) -> None:
             r.constant_normalizer, "must be >= 1, or null (= rl.max_new_tokens)")
     one_of("rl.expert_bias", r.expert_bias, ("freeze", "update"))
     one_of("rl.mtp", r.mtp, ("off", "train"))
+    require(not r.router_replay or cfg.model.n_dense_layers < cfg.model.n_layers, "rl.router_replay", r.router_replay,
+            f"needs MoE layers, but every layer of the model is dense (model.n_dense_layers="
+            f"{cfg.model.n_dense_layers} >= model.n_layers={cfg.model.n_layers}); use rl.router_replay=false")
     require(r.eval_temperature >= 0, "rl.eval_temperature", r.eval_temperature, "must be >= 0 (0 = greedy)")
     require(all(1 <= d <= MAX_DIFFICULTY for d in r.eval_difficulties), "rl.eval_difficulties", r.eval_difficulties,
             f"must be levels in 1..{MAX_DIFFICULTY} (empty = tasks.difficulties)")
