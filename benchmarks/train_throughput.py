@@ -34,7 +34,7 @@ from dsv3.kernels.ops import resolve_grouped_gemm_impl  # noqa: E402
 from dsv3.model import Transformer, init_weights  # noqa: E402
 from dsv3.model.step_aux import StepAux  # noqa: E402
 from dsv3.train.optim import AdamW, parameter_groups  # noqa: E402
-from dsv3.train.perf import model_flops_per_token  # noqa: E402
+from dsv3.planner.flops import training_flops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     rows = []
     for name, (_, model_cfg) in contenders.items():
         med = statistics.median(times[name])
-        flops = model_flops_per_token(model_cfg, seq_len) * tokens
+        flops = training_flops(model_cfg, seq_len).total * tokens
         row = {"contender": name, "step_s": med, "tokens_per_s": tokens / med,
                "mfu": flops / med / (peak * 1e12), "first_loss": losses[name][0]}
         if hf_name:
