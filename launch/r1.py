@@ -154,7 +154,9 @@ def _evaluate(step: dict) -> None:
 
     register()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
-        cfg = to_config(compose("config", overrides=step["command"][1:]))
+        # checkpoint.dir defaults to the Hydra run directory, which a composed config has not got
+        cfg = to_config(compose("config", overrides=[*step["command"][1:],
+                                                     f"checkpoint.dir={os.path.join(step['dir'], 'checkpoints')}"]))
     try:
         tokenizer = prepare_from_checkpoint(cfg)
         validate(cfg, world_size=1, local_world_size=1)
