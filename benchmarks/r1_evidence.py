@@ -46,7 +46,7 @@ def grpo_summary(run_dir: str, window: int) -> dict:
            **run_time(run_dir)}
     first, last = steps[:window], steps[-window:]
     for key in ("reward", "accuracy", "reward/format", "entropy", "completion_length", "max_vio",
-                "logprob_diff/mean_abs", "logprob_diff/max_abs", "frac_zero_std"):
+                "logprob_diff/mean_abs", "logprob_diff/max_abs", "frac_zero_std", "routing_drift/tokens"):
         if any(key in m for m in steps):
             out[f"{key}/first_{window}"] = mean([m[key] for m in first if key in m])
             out[f"{key}/last_{window}"] = mean([m[key] for m in last if key in m])

@@ -38,7 +38,7 @@ STARTS = {"sft": "base", "grpo": "sft", "rejection": "grpo", "rejection_sft": "b
 def r1(out: str, *extra: str) -> subprocess.CompletedProcess:
     sets = [a for phase, overrides in TINY.items() for o in overrides for a in ("--set", f"{phase}:{o}")]
     return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "r1.py"), "--out", out, *sets, *extra],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+                          capture_output=True, text=True, timeout=1500, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
