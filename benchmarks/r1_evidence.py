@@ -31,7 +31,10 @@ def run_time(run_dir: str) -> dict:
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
-        wall, user, system = (float(x) for x in f.read().split()[-3:])
+        fields = f.read().split()
+    if len(fields) < 3:  # the run has not ended yet (/usr/bin/time writes when it does)
+        return {}
+    wall, user, system = (float(x) for x in fields[-3:])
     return {"wall_s": wall, "cpu_s": user + system}
 
 
