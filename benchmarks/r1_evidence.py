@@ -71,7 +71,7 @@ def smooth(xs: list[float], window: int) -> list[float]:
     return [mean(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
 
 
-def plot(grpo_dirs: dict[str, str], summary: dict, window: int, path: str) -> None:
+def plot(grpo_dirs: dict[str, str], summary: dict, window: int, path: str, lines: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,12 +86,10 @@ def plot(grpo_dirs: dict[str, str], summary: dict, window: int, path: str) -> No
         steps = [m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "reward" in m]
         b.plot([m["step"] for m in steps], smooth([m["accuracy"] for m in steps], window), label=name)
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"][len(grpo_dirs):])
-    for name, s in summary.items():
-        if s["kind"] == "eval" and not name.startswith(("distill", "student")):
-            c = next(colors, "gray")
-            a.axhline(s["end"]["pass@1"], ls="--", color=c, label=f"{name} (end)")
-            a.axhspan(s["end"]["pass@1"] - s["end"]["stderr"], s["end"]["pass@1"] + s["end"]["stderr"], color=c,
-                      alpha=0.12)
+    for name in lines:
+        end, c = summary[name]["end"], next(colors, "gray")
+        a.axhline(end["pass@1"], ls="--", color=c, label=name)
+        a.axhspan(end["pass@1"] - end["stderr"], end["pass@1"] + end["stderr"], color=c, alpha=0.12)
     a.set(xlabel="GRPO step", ylabel="held-out pass@1 (± standard error)", title="held-out problems")
     b.set(xlabel="GRPO step", ylabel=f"accuracy of the sampled groups (mean of {window} steps)",
           title="training prompts (same distribution, disjoint)")
@@ -107,6 +105,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grpo", action="append", default=[], help="NAME=RUN_DIR of a launch/grpo.py run")
     parser.add_argument("--eval", action="append", default=[], help="NAME=RUN_DIR of a launch/evaluate.py run")
+    parser.add_argument("--line", action="append", default=[],
+                        help="an --eval NAME drawn as a level line over the GRPO curves (a control)")
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
@@ -141,7 +141,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"window": w, "runs": summary}, f, indent=1)
     if args.plot and grpo_dirs:
-        plot(grpo_dirs, summary, w, args.plot)
+        plot(grpo_dirs, summary, w, args.plot, args.line)
 
 
 if __name__ == "__main__":
