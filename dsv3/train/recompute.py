@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -37,17 +37,20 @@ MODES = {"none": (), "full": (Block,), "moe": (MoE,), "attention": (MLA,)}
 _state = threading.local()
 
 
-@contextmanager
-def _recomputing():
-    _state.active = True
-    try:
-        yield
-    finally:
+class _Recomputing:
+    """Marks this thread as recomputing. Re-enterable: a backward split into I and W (zero-bubble
+    schedules, DualPipe) recomputes a module once per autograd call with the same context object,
+    which a generator-based context manager cannot be entered twice for."""
+
+    def __enter__(self):
+        _state.active = True
+
+    def __exit__(self, *exc):
         _state.active = False
 
 
 def _contexts():
-    return nullcontext(), _recomputing()
+    return nullcontext(), _Recomputing()
 
 
 def _throwaway(x):
