@@ -133,6 +133,8 @@ def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
             top = layers[-1] if layers and layers[-1] >= m.n_dense_layers else None
             # the first stage's input needs no gradient: its I is empty and W runs the whole backward
             early = 0 if stage == 0 else saved.above_weights(f"layers.{top}" if top is not None else None, last)
+            if t.activation_checkpointing != "none":   # the executor runs the whole backward at I (Stage.recomputes)
+                early = saved.total
             return saved.total, saved.total - early, max(0, saved.backward_peak - saved.total)
         sizes = {s: chunk(s)[0] for s in stages}
         if sched is None:

@@ -83,3 +83,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
             module.forward = functools.partial(_checkpointed, module.forward)
             wrapped += 1
     return wrapped
+
+
+def recomputes(module: nn.Module) -> bool:
+    """Whether `module` holds a module `apply_activation_checkpointing` wrapped."""
+    return any(isinstance(m.__dict__.get("forward"), functools.partial) and m.forward.func is _checkpointed
+               for m in module.modules())

@@ -182,7 +182,7 @@ def peak_activations(sched: Schedule, weight: Callable[[int, int], float] | None
     `weight(stage, mb)`: what one chunk holds (e.g. its bytes, which differ between stages and,
     for Seq1F1B's segments, between micro-batches); the default counts chunks. `kept_after_i`: the
     part of it still held between its I and its W (default: all of it). `backward_extra`: what a
-    chunk's backward (B, I, and W) holds beyond the chunk while it runs (activation checkpointing's
+    chunk's backward (B or I) holds beyond the chunk while it runs (activation checkpointing's
     recomputation; default none), on top of everything alive when it starts.
     """
     weight = weight or (lambda stage, mb: 1)
@@ -195,7 +195,7 @@ def peak_activations(sched: Schedule, weight: Callable[[int, int], float] | None
             parts = ins.parts()
             born = sum(weight(p.stage, p.mb) for p in parts if p.op is Op.F)
             alive, alive_w = alive + born, alive_w + born
-            bump = max((extra(p.stage, p.mb) for p in parts if p.op is not Op.F), default=0)
+            bump = max((extra(p.stage, p.mb) for p in parts if p.op in (Op.B, Op.I)), default=0)
             peak, peak_w = max(peak, alive + bump), max(peak_w, alive_w + bump)
             for p in parts:
                 if p.op in (Op.B, Op.I):
