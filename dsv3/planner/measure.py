@@ -6,7 +6,8 @@ planner's validation (tests/planner, benchmarks/plan_vs_measured.py).
   goes through a `saved_tensors_hooks` pack hook, which counts its storage (once, however many ops save
   it) until the last saved reference to it is released; parameters' storages are not activations and
   are skipped. Other holders of activations (Seq1F1B's key/value gradients waiting for the earlier
-  segment's backward) are added through `add_source`.
+  segment's backward, and its keys and values that later segments read, which no saved tensor holds
+  when their attention is recomputed) are added through `add_source`.
 - activation checkpointing (torch.utils.checkpoint, non-reentrant): a checkpointed module's inputs go
   through the pack hook like any saved tensor; what its ops save is only a placeholder in the forward,
   and in the backward the recomputation keeps its tensors in the checkpoint's frame, out of reach of
@@ -101,19 +102,22 @@ class ActivationPeak:
         torch_checkpoint._CheckpointFrame.check_recomputed_tensors_match = self._check
         self._hooks.__exit__(*exc)
 
-    def _recomputed_bytes(self) -> int:
-        """Storages the checkpoint frames hold from recomputations, not counted otherwise."""
+    def uncounted(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Bytes of the distinct storages of `tensors` that no saved tensor holds (for a source)."""
         seen, total = set(), 0
-        for frame in list(self._frames):
-            for by_handle in list(frame.recomputed.values()):
-                for t in list(by_handle.values()):
-                    storage = t.untyped_storage()
-                    key = storage.data_ptr()
-                    if key in seen or key in self._refs or key in self._skip or storage.nbytes() == 0:
-                        continue
-                    seen.add(key)
-                    total += storage.nbytes()
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in seen or key in self._refs or key in self._skip:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
         return total
+
+    def _recomputed_bytes(self) -> int:
+        """Storages the checkpoint frames hold from recomputations."""
+        return self.uncounted(t for frame in list(self._frames) for by_handle in list(frame.recomputed.values())
+                              for t in list(by_handle.values()))
 
     def _pack(self, t: torch.Tensor):
         storage = t.untyped_storage()

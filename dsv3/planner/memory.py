@@ -88,14 +88,17 @@ def outstanding_receives(sched: Schedule, rank: int) -> int:
 
 
 def pending_kv_grads(m, num: Numerics, setup: PlanSetup, layout: StageLayout, stages: list[int], b: int,
-                     seq: int) -> int:
+                     seq: int, positions: int | None = None) -> int:
     """Seq1F1B: before a segment's backward, the later segments have left the gradient of the keys and
     values it attended over (its own and the earlier segments', [b, (j+1)L, H, qk] each) in every
-    attention module of the stage; at most for the second-to-last segment, (N-1)L positions."""
+    attention module of the stage; at most for the second-to-last segment, (N-1)L positions
+    (`positions`: another number)."""
     qk = m.qk_nope_head_dim + m.qk_rope_head_dim
     per_position = m.n_heads * (qk + max(qk, m.v_head_dim)) * num.act
     attentions = sum(len(layout.ranges[s]) + (m.mtp_depth if s == layout.n_stages - 1 else 0) for s in stages)
-    return attentions * b * (seq - seq // setup.seq_chunks) * per_position
+    if positions is None:
+        positions = seq - seq // setup.seq_chunks
+    return attentions * b * positions * per_position
 
 
 def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
@@ -148,6 +151,14 @@ def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
                 key = (stage, setup.segment_of(mb))
                 if key not in cache:
                     cache[key] = chunk(stage, mb)
+                    j, n, length = setup.segment_of(mb), setup.seq_chunks, seq // setup.seq_chunks
+                    if cache[key][2] and n > 1:
+                        # while segment j's backward recomputes, its own keys' and values' gradients
+                        # ((j+1)L, if a later segment left them) and the earlier segment's, which it
+                        # fills (jL), are alive: beyond the (N-1)L counted for every moment below
+                        more = max(0, ((j + 1) * length if j < n - 1 else 0) + j * length - (seq - length))
+                        cache[key] = (*cache[key][:2], cache[key][2] + pending_kv_grads(
+                            m, num, setup, layout, [stage], b, seq, more))
                 return cache[key]
             peaks, peaks_w = peak_activations(sched, lambda s, mb: of(s, mb)[0], lambda s, mb: of(s, mb)[1],
                                               lambda s, mb: of(s, mb)[2])

@@ -77,6 +77,9 @@ class ChunkCarry:
         """Before its backward: the gradients the later chunks left for those tensors (None: unused)."""
         return []
 
+    def begin_backward(self, mb: int) -> None:
+        """Its backward starts: activation checkpointing may run its forward's modules again in it."""
+
     def release(self, mb: int) -> None:
         """After its backward."""
 
@@ -417,6 +420,8 @@ class PipelineExecutor:
         chunk = self._chunks[(s, m)]
         inputs = [chunk.input] if isinstance(chunk.input, torch.Tensor) else []
         carry = self.stages[s].carry
+        if carry is not None:
+            carry.begin_backward(m)
         if ins.op is Op.B:
             in_grads = backward_full(chunk.outputs, grads, inputs)
             del self._chunks[(s, m)]
