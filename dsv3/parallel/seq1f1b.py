@@ -14,6 +14,8 @@ sequence u // N). A segment's attention reads the keys and values of the earlier
   enters segment j's backward with the gradient from the next stage (`ChunkCarry.grads`), and flows on
   into segment j-1's leaf.
 Positions: segment j covers positions jL..jL+L-1 (RoPE, the MTP shift), set in the StepContext.
+The MoE sequence-wise balance loss takes f over the whole sequence (`StepAux.parts`, named here per
+segment): exact, as the segments' forwards all run before their backwards.
 """
 from __future__ import annotations
 
@@ -60,13 +62,20 @@ class SegmentKV(ChunkCarry):
             self.leaves[mb][i] = (k.detach().requires_grad_(), v.detach().requires_grad_())
         return k, v
 
+    def _name_part(self, mb: int | None) -> None:
+        """The balance loss's statistics over whole sequences (StepAux.parts) file what runs under it."""
+        if self.ctx.aux.parts is not None:
+            self.ctx.aux.parts.at = None if mb is None else (mb // self.n, mb % self.n)
+
     def begin(self, mb: int) -> None:
         self.current = mb
         self.roots[mb], self.leaves[mb] = [], {}
         self.ctx.start = (mb % self.n) * self.length
+        self._name_part(mb)
 
     def end(self, mb: int) -> list[torch.Tensor]:
         self.current, self.ctx.start = None, 0
+        self._name_part(None)
         return self.roots.pop(mb)
 
     def grads(self, mb: int) -> list[torch.Tensor | None]:
@@ -77,10 +86,12 @@ class SegmentKV(ChunkCarry):
 
     def begin_backward(self, mb: int) -> None:
         self.recomputing = mb
+        self._name_part(mb)
 
     def release(self, mb: int) -> None:
         self.leaves.pop(mb)       # aliases of this segment's roots (no storage of their own until now)
         self.recomputing = None
+        self._name_part(None)
 
     def carried(self) -> list[torch.Tensor]:
         """The keys and values later segments read (aliases of this stage's roots): for the memory measurement."""
