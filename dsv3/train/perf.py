@@ -1,8 +1,9 @@
 """How hard a run works its hardware: model FLOPs per token, model FLOPs utilization (MFU) and peak memory.
 
-MFU = model FLOPs per token x tokens per second / (devices x peak FLOP/s). Model FLOPs count the
-useful work of a training step (forward + backward = 3x forward matmuls; causal attention half the
-square), not what an implementation spends on recomputation or padding. The peak is the datasheet's
+MFU = model FLOPs per token x tokens per second / (devices x peak FLOP/s). Model FLOPs are the planner's
+(`dsv3.planner.flops.training_flops`): the useful work of a training step (forward + backward = 3x
+forward matmuls; causal attention, values of their own width; MTP included), not what an
+implementation spends on recomputation or padding. The peak is the datasheet's
 dense BF16 tensor-core rate of a known GPU, `logging.peak_tflops` if given, and otherwise measured at
 start-up: the best of a few square GEMMs in the run's compute dtype on this device (on a CPU, with the
 run's threads), so that a CPU's MFU means "share of what its GEMMs reach here".
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 
 from dsv3.config.schema import HardwareConfig, ModelConfig
+from dsv3.planner.flops import training_flops
 
 log = logging.getLogger("dsv3")
 
@@ -23,26 +25,6 @@ log = logging.getLogger("dsv3")
 # matched against torch.cuda.get_device_name in this order.
 DATASHEET_TFLOPS = [("H200", 989.4), ("H100", 989.4), ("H800", 989.4), ("H20", 148.0), ("A100", 312.0),
                     ("A800", 312.0), ("L40S", 362.1), ("RTX 4090", 165.2), ("RTX 6000 Ada", 364.2)]
-
-
-def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6 x (activated matmul parameters) + attention's QK^T and PV (x3 for forward and backward).
-
-    The matmul parameters of a token: MLA's projections, the dense FFNs or the shared plus the K activated
-    routed experts and the router, the output head once per prediction (main and each MTP depth), MTP's
-    projection. The MTP blocks see one token fewer per depth, which is not counted (< 1/seq_len)."""
-    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    q = (cfg.dim * cfg.q_lora_rank + cfg.q_lora_rank * cfg.n_heads * qk) if cfg.q_lora_rank else cfg.dim * cfg.n_heads * qk
-    attn = (q + cfg.dim * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
-            + cfg.kv_lora_rank * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim) + cfg.n_heads * cfg.v_head_dim * cfg.dim)
-    moe = 3 * cfg.dim * cfg.moe_inter_dim * (cfg.n_activated_experts + cfg.n_shared_experts) + cfg.dim * cfg.n_routed_experts
-    dense = 3 * cfg.dim * cfg.inter_dim
-    blocks = cfg.n_layers + cfg.mtp_depth
-    params = (blocks * attn + cfg.n_dense_layers * dense + (blocks - cfg.n_dense_layers) * moe
-              + cfg.dim * cfg.vocab_size * (1 + cfg.mtp_depth) + cfg.mtp_depth * 2 * cfg.dim * cfg.dim)
-    # causal attention: on average seq_len / 2 keys per query, QK^T and PV, 2 flops per MAC
-    attn_core = blocks * cfg.n_heads * (qk + cfg.v_head_dim) * seq_len / 2 * 2
-    return 6 * params + 3 * attn_core
 
 
 def measured_gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
@@ -100,7 +82,8 @@ class Throughput:
     def __init__(self, cfg: ModelConfig, seq_len: int, world_size: int, device: torch.device,
                  compute_dtype: torch.dtype, configured_peak: float = 0.0,
                  hardware: Optional[HardwareConfig] = None):
-        self.flops_per_token = model_flops_per_token(cfg, seq_len)
+        # the planner's count (checked against torch.utils.flop_counter): MFU and the plan agree
+        self.flops_per_token = training_flops(cfg, seq_len).total
         self.device, self.world_size = device, world_size
         self.peak, self.peak_source = peak_tflops(device, compute_dtype, configured_peak, hardware)
         log.info("MFU: %.3g GFLOP per token (model FLOPs of a training step) over %d x %.4g TFLOP/s (%s); "

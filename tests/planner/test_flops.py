@@ -48,6 +48,21 @@ def test_training_flops_equal_the_flop_counter(name, seq):
     assert abs(planned - counter.get_total_flops()) <= 0.02 * counter.get_total_flops()
 
 
+def test_gemm_flops_equal_the_counted_matmuls_exactly():
+    """The GEMM part alone (projections, FFNs, routed experts, router, head) against the counter's
+    aten.mm, which the attention core (aten.bmm under the math backend) does not touch: exact."""
+    cfg = model_config("moe_tiny", n_layers=3, mtp_depth=0)
+    model = Transformer(cfg, grouped_gemm="reference")
+    init_weights(model, seed=0, std=0.02)
+    batch, seq = 2, 32
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.losses(tokens[:, :-1], tokens[:, 1:]).main.backward()
+    counts = {str(op): v for op, v in counter.get_flop_counts()["Global"].items()}
+    assert set(counts) == {"aten.mm", "aten.bmm"}
+    assert counts["aten.mm"] == pytest.approx(training_flops(cfg, seq).gemm * batch * seq, rel=1e-9)
+
+
 def test_model_flops_count_causal_attention_and_true_value_width():
     """MFU's FLOPs: a query at position i reads i+1 keys, values of their own width."""
     cfg = model_config("moe_tiny")
