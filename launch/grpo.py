@@ -44,6 +44,10 @@ def prepare(cfg):
                           "supported yet)")
     if cfg.rl.mtp == "train" and cfg.model.mtp_depth == 0:
         raise ConfigError("rl.mtp", "train", f"the model of {cfg.checkpoint.init_from} has no MTP module")
+    from dsv3.rl.config_rules import enough_problems
+
+    enough_problems(cfg, "rl.prompt_pool", "train")
+    enough_problems(cfg, "rl.eval_problems", "held_out", cfg.rl.eval_difficulties)
     if cfg.rl.system_prompt is None:
         cfg.rl.system_prompt = trained_system_prompt(cfg.checkpoint.init_from)
     cfg.sft.system_prompt = cfg.rl.system_prompt  # what the policy's checkpoints say they expect

@@ -29,12 +29,22 @@ from dsv3.launch_utils import start_from_checkpoint  # noqa: E402
 register()
 
 
+def prepare(cfg):
+    """The start model's architecture and tokenizer; the problems asked exist."""
+    from dsv3.rl.config_rules import enough_problems
+    from dsv3.rl.start import prepare_from_checkpoint
+
+    tokenizer = prepare_from_checkpoint(cfg)
+    enough_problems(cfg, "rejection.problems", "train")
+    return tokenizer
+
+
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
-    from dsv3.rl.start import prepare_from_checkpoint, trained_system_prompt
+    from dsv3.rl.start import trained_system_prompt
 
-    tokenizer, run_dir = start_from_checkpoint(cfg, prepare_from_checkpoint)
+    tokenizer, run_dir = start_from_checkpoint(cfg, prepare)
 
     import logging
 

@@ -25,9 +25,14 @@ register()
 
 def prepare(cfg):
     """The base model's architecture with the grown vocabulary, and the extended tokenizer."""
+    from dsv3.rl.config_rules import enough_problems
     from dsv3.rl.start import prepare_from_checkpoint
 
-    return prepare_from_checkpoint(cfg, min_context=cfg.data.seq_len)
+    tokenizer = prepare_from_checkpoint(cfg, min_context=cfg.data.seq_len)
+    if cfg.sft.source == "tasks":
+        enough_problems(cfg, "sft.examples", "train")
+        enough_problems(cfg, "sft.val_examples", "held_out")
+    return tokenizer
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")

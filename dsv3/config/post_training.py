@@ -115,6 +115,13 @@ class GRPOConfig:
     expert_bias: str = "freeze"
     """The aux-loss-free routing bias during RL: `freeze` (as the start model left it) or `update` (moved by
     train.bias_update_speed after every optimizer step, on the expert loads of the batch, as in pretraining)."""
+    router_replay: bool = False
+    """Router replay: the sampler records the experts every MoE layer chose for each position of the
+    prompts and completions, and every training forward of the step (pi_old, the policy, the reference)
+    routes each token to those experts instead of its router's own top-k; the gating weights are still
+    the current router's scores of those experts, so the router keeps learning. A routing flip between
+    the cached decoder and the full forward then no longer changes the ratio; `routing_drift/*` counts
+    the flips replay hides."""
     mtp: str = "off"
     """`off`: the MTP modules are neither run nor updated (kept as they are); `train`: they also learn to
     predict the sampled completions (weight train.mtp_loss_weight), so their drafts follow the policy."""

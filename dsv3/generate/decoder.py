@@ -17,6 +17,7 @@ from dsv3.generate.cache import DecodeState, LatentCache
 from dsv3.model import Transformer
 from dsv3.model.mla import MLA
 from dsv3.model.rope import apply_rope
+from dsv3.model.step_aux import StepAux
 
 ATTENTION_FORMS = ("auto", "absorbed", "naive")
 
@@ -67,20 +68,22 @@ class CachedDecoder:
         return self.attention == "absorbed" or (self.attention == "auto" and S <= 4)
 
     def _block(self, block: nn.Module, h: torch.Tensor, cos, sin, cache: LatentCache, start: int,
-               mask: torch.Tensor) -> torch.Tensor:
+               mask: torch.Tensor, aux: StepAux | None = None) -> torch.Tensor:
         # Block.forward with the cached attention
         h = h + cached_mla(block.attn, block.attn_norm(h), cos, sin, cache, start, mask, self._absorbed(h.shape[1]))
-        return h + block.ffn(block.ffn_norm(h))
+        x = block.ffn_norm(h)
+        return h + (block.ffn(x, aux) if block.is_moe else block.ffn(x))
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rope = self.model.rope
         return rope.cos[positions], rope.sin[positions]
 
     @torch.no_grad()
-    def forward(self, state: DecodeState, tokens: torch.Tensor, valid: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    def forward(self, state: DecodeState, tokens: torch.Tensor, valid: torch.Tensor | None = None,
+                aux: StepAux | None = None) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
         """tokens [B, S] into the next S slots -> (hidden [B, S, dim] before the final norm,
-        logits [B, S, vocab] fp32, first slot, positions [B, S])."""
+        logits [B, S, vocab] fp32, first slot, positions [B, S]). `aux` goes to the MoE layers (to
+        record their routing)."""
         if valid is None:
             valid = torch.ones_like(tokens, dtype=torch.bool)
         start, positions = state.claim(valid)
@@ -89,7 +92,7 @@ class CachedDecoder:
         mask = state.attention_mask(start, tokens.shape[1])
         h = self.model.embed(tokens)
         for name, block in self.model.layers.items():
-            h = self._block(block, h, cos, sin, state.layers[name], start, mask)
+            h = self._block(block, h, cos, sin, state.layers[name], start, mask, aux)
         return h, self.model.head(self.model.norm(h)).float(), start, positions
 
     @torch.no_grad()

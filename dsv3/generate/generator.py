@@ -23,6 +23,14 @@ from dsv3.generate.decoder import CachedDecoder
 from dsv3.generate.sampling import (RowRandom, SamplingParams, choose, draw, policy_logprobs, row_seed,
                                     sampling_logprobs)
 from dsv3.model import Transformer
+from dsv3.model.moe import MoE
+from dsv3.model.step_aux import StepAux
+
+
+def routing_layers(model: Transformer) -> list[MoE]:
+    """The MoE layers whose routing generation records, in the order of Completion.routing's layer axis:
+    the main model's, first to last (the MTP modules do not run on the positions of plain decoding)."""
+    return [block.ffn for block in model.layers.values() if block.is_moe]
 
 
 @dataclass
@@ -40,6 +48,10 @@ class Completion:
     """log softmax(logits / T) of each completion token under the model (T = 1 when greedy)."""
     finish_reason: str = "length"
     """`stop` (stop token or stop string), `length` (max_new_tokens or the end of the context)."""
+    routing: torch.Tensor | None = None
+    """With SamplingParams.record_routing: [len(prompt_tokens) + len(tokens) - 1, MoE layers, K] int16 (CPU),
+    the experts each MoE layer of `routing_layers(model)` sent each position of prompt + completion to
+    (the last completion token is never read). Position t is position t of a full forward over the row."""
     text: str | None = None
     """Decoded completion, special tokens included, without a final stop token, cut after the first stop
     string (None without a tokenizer)."""
@@ -134,6 +146,12 @@ class Generator:
         ctx = self.model.cfg.max_seq_len
         self._limit = [min(params.max_new_tokens, ctx - len(c.prompt_tokens)) for c in self._out]
         self._stats = {"forward_calls": 0, "row_steps": 0, "drafts": 0, "accepted": 0}
+        self._routing: list[list[torch.Tensor]] | None = None
+        if params.record_routing:
+            if not routing_layers(self.model):
+                raise ValueError("record_routing=True needs a model with MoE layers, but every layer of this one "
+                                 "is dense (model.n_dense_layers >= model.n_layers)")
+            self._routing = [[] for _ in self._out]
         self.model.eval()
         start = time.perf_counter()
         if params.speculative == "mtp":
@@ -141,8 +159,11 @@ class Generator:
         else:
             self._plain([prompt_ids[c.prompt_index] for c in self._out])
         elapsed = time.perf_counter() - start
-        for c in self._out:
+        for i, c in enumerate(self._out):
             c.text = self._text(c) if self.tokenizer is not None else None
+            if self._routing is not None:
+                c.routing = torch.cat(self._routing[i]).to("cpu", torch.int16)
+                assert c.routing.shape[0] == len(c.prompt_tokens) + len(c.tokens) - 1
         n_tokens = sum(len(c.tokens) for c in self._out)
         stats = {**self._stats, "completion_tokens": n_tokens, "seconds": elapsed,
                  "tokens_per_s": n_tokens / max(elapsed, 1e-9)}
@@ -163,9 +184,23 @@ class Generator:
         capacity = P + slots_per_token * max(self._limit[r] for r in rows) + 2
         state = DecodeState.allocate(self.model, len(rows), capacity, self.model.embed.weight.dtype, device,
                                      with_mtp=slots_per_token == 2)
-        h, logits, start, positions = self.decoder.forward(state, ids.to(device), valid.to(device))
+        aux = self._aux()
+        h, logits, start, positions = self.decoder.forward(state, ids.to(device), valid.to(device), aux)
+        self._record(aux, rows, [P - len(p) for p in prompts])
         self._stats["forward_calls"] += 1
         return state, ids.to(device), h, logits, start, positions
+
+    def _aux(self) -> StepAux | None:
+        return StepAux(record_experts=True) if self._routing is not None else None
+
+    def _record(self, aux: StepAux | None, rows: list[int], first: list[int]) -> None:
+        """Keep the routing of a forward's slots first[i]: of each row rows[i] (the slots before are left
+        padding; every slot after holds a token of the row)."""
+        if aux is None:
+            return
+        experts = torch.stack([aux.experts[m] for m in routing_layers(self.model)], dim=2)  # [B, S, layers, K]
+        for i, r in enumerate(rows):
+            self._routing[r].append(experts[i, first[i]:])
 
     def _append(self, r: int, token: int, logprob: float) -> bool:
         """Add a token to row r's completion; True if the row is finished."""
@@ -210,7 +245,9 @@ class Generator:
                 state, token = state.select(idx), token[idx]
                 rng.select(keep)
                 rows = [rows[i] for i in keep]
-            _, logits, _, _ = self.decoder.forward(state, token[:, None])
+            aux = self._aux()
+            _, logits, _, _ = self.decoder.forward(state, token[:, None], aux=aux)
+            self._record(aux, rows, [0] * len(rows))
             self._stats["forward_calls"] += 1
             self._stats["row_steps"] += len(rows)
             last = logits[:, -1]

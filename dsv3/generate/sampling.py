@@ -34,6 +34,9 @@ class SamplingParams:
     """Seeds every row's generator together with its prompt id and sample index."""
     speculative: str | None = None
     """None, or `mtp`: the model's first MTP module drafts one token per step, the model verifies it."""
+    record_routing: bool = False
+    """Keep, for every position of each prompt + completion that the model read, the experts each MoE layer
+    routed it to (`Completion.routing`): what RL's router replay feeds back to the training forward."""
 
     def validate(self) -> None:
         def bad(name, value, allowed):
@@ -51,6 +54,9 @@ class SamplingParams:
             bad("num_samples", self.num_samples, "must be an integer >= 1")
         if self.speculative not in (None, "mtp"):
             bad("speculative", self.speculative, "must be None or 'mtp'")
+        if self.record_routing and self.speculative is not None:
+            bad("record_routing", self.record_routing, "is not supported with speculative decoding (a rejected "
+                "draft's slot would need its routing dropped); use speculative=None")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad("stop_strings", self.stop_strings, "must be non-empty strings")
 

@@ -44,11 +44,31 @@ class Gate(nn.Module):
         # b_i of aux-loss-free balancing: adjusted by the trainer after each step, never by gradients.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [T, dim] -> (weights [T, K] fp32, expert indices [T, K], scores [T, E] fp32)."""
+    def forward(self, x: torch.Tensor, forced: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, dim] -> (weights [T, K] fp32, expert indices [T, K], scores [T, E] fp32).
+
+        forced [T, K] (optional): the experts to use instead of this router's choice, per token; a token
+        whose row holds a negative index keeps the router's own choice. The weights are always this
+        router's scores of the experts used, so the router still learns through them."""
+        scores = self.scores(x)
+        indices = self.select(scores)
+        if forced is not None:
+            indices = torch.where((forced >= 0).all(dim=-1, keepdim=True), forced, indices)
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights * self.route_scale
+        return weights, indices, scores
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, dim] -> the affinity of every token to every expert [T, E] fp32."""
         with torch.autocast(x.device.type, enabled=False):  # gating stays in fp32 (V3 report, 3.3.1)
             logits = F.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        return logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """The router's own choice [T, K]: top-k of score + bias within the best expert groups."""
         biased = scores.detach() + self.bias
         if self.n_groups > 1:
             grouped = biased.unflatten(-1, (self.n_groups, -1))
@@ -56,12 +76,7 @@ class Gate(nn.Module):
             keep = group_scores.topk(self.topk_groups, dim=-1).indices
             masked = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             biased = grouped.masked_fill(masked.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = biased.topk(self.topk, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.score_func == "sigmoid":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights * self.route_scale
-        return weights, indices, scores
+        return biased.topk(self.topk, dim=-1).indices
 
 
 class Experts(nn.Module):
@@ -191,13 +206,24 @@ class MoE(nn.Module):
         self.dispatcher = LocalTokenDispatcher(cfg.n_routed_experts)
 
     def forward(self, x: torch.Tensor, aux: Optional[StepAux] = None) -> torch.Tensor:
-        """x [B, S, dim] -> [B, S, dim]. With `aux` (training forwards): count the tokens per expert
-        and, when aux.balance_coeff > 0, add the balance loss to the objective."""
+        """x [B, S, dim] -> [B, S, dim]. With `aux`: count the tokens per expert, when
+        aux.balance_coeff > 0 add the balance loss to the objective, and route, record and compare as
+        its routing fields say (StepAux)."""
         B, S, D = x.shape
         flat = x.reshape(-1, D)
-        weights, indices, scores = self.gate(flat)
+        forced = aux.forced_experts.get(self) if aux is not None and aux.forced_experts else None
+        if forced is not None:
+            forced = forced.reshape(-1, forced.shape[-1])
+        weights, indices, scores = self.gate(flat, forced)
         if aux is not None:
             aux.loads[self] = torch.bincount(indices.flatten(), minlength=scores.shape[-1]).float()
+            if aux.record_experts:
+                aux.experts[self] = indices.view(B, S, -1)
+            if forced is not None:  # where the router, left alone, would have chosen other experts
+                own = self.gate.select(scores)
+                replayed = (forced >= 0).all(dim=-1)
+                differs = (own.sort(dim=-1).values != indices.sort(dim=-1).values).any(dim=-1)
+                aux.routing_drift[self] = (differs & replayed).view(B, S)
         rows, offsets, state = self.dispatcher.dispatch(flat, indices)
         y = self.dispatcher.combine(self.experts(rows, offsets), weights, state)
         if self.shared_experts is not None:

@@ -27,7 +27,15 @@ class StepAux:
     balance loss takes its statistics over the whole sequences (None: each forward holds whole ones).
     Out: `loads`, tokens routed to each expert per MoE layer (for the aux-loss-free bias update);
     `balance`, the balance losses computed, in forward order (detached, for the log; with `parts`,
-    what a part's forward knew: `SequenceParts.balance` has the whole sequences')."""
+    what a part's forward knew: `SequenceParts.balance` has the whole sequences').
+
+    Routing, for forwards that must route as an earlier one did (RL's router replay): in,
+    `forced_experts`, per MoE layer the experts [B, S, K] each token must use instead of the router's
+    own top-k (a token whose row is negative keeps the router's choice; the gating weights are still the
+    router's scores of the experts used, so the router gets its gradient); `record_experts`, keep the
+    experts each layer used. Out: `experts`, per MoE layer the experts used [B, S, K] (with
+    record_experts); `routing_drift`, per forced layer [B, S] bool, where the router's own choice is
+    another set of experts than the forced one."""
 
     balance_coeff: float = 0.0
     loss_normalizer: Optional[float] = None
@@ -35,10 +43,16 @@ class StepAux:
     parts: Optional[SequenceParts] = None
     loads: dict[MoE, torch.Tensor] = field(default_factory=dict)
     balance: list[torch.Tensor] = field(default_factory=list)
+    forced_experts: Optional[dict[MoE, torch.Tensor]] = None
+    record_experts: bool = False
+    experts: dict[MoE, torch.Tensor] = field(default_factory=dict)
+    routing_drift: dict[MoE, torch.Tensor] = field(default_factory=dict)
 
     def fresh(self) -> StepAux:
-        """The same inputs, nothing recorded yet: one per forward of a step."""
-        return StepAux(self.balance_coeff, self.loss_normalizer, self.grad_scale, self.parts)
+        """The same inputs, nothing recorded yet: one per forward of a step (forced routing, which is
+        per forward, is not carried)."""
+        return StepAux(self.balance_coeff, self.loss_normalizer, self.grad_scale, self.parts,
+                       record_experts=self.record_experts)
 
     def balance_sum(self, device: torch.device) -> torch.Tensor:
         if not self.balance:

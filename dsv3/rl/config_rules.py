@@ -6,7 +6,7 @@ from dsv3.config.errors import ConfigError
 from dsv3.config.post_training import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from dsv3.config.rules import World, one_of, require
 from dsv3.config.schema import Config
-from dsv3.rl.tasks import FAMILIES, MAX_DIFFICULTY
+from dsv3.rl.tasks import FAMILIES, MAX_DIFFICULTY, NotEnoughProblems, mixture
 
 
 def post_training_rules(cfg: Config, world: World) -> None:
@@ -59,6 +59,9 @@ def grpo_rules(cfg: Config, world: World) -> None:
             r.constant_normalizer, "must be >= 1, or null (= rl.max_new_tokens)")
     one_of("rl.expert_bias", r.expert_bias, ("freeze", "update"))
     one_of("rl.mtp", r.mtp, ("off", "train"))
+    require(not r.router_replay or cfg.model.n_dense_layers < cfg.model.n_layers, "rl.router_replay", r.router_replay,
+            f"needs MoE layers, but every layer of the model is dense (model.n_dense_layers="
+            f"{cfg.model.n_dense_layers} >= model.n_layers={cfg.model.n_layers}); use rl.router_replay=false")
     require(r.eval_temperature >= 0, "rl.eval_temperature", r.eval_temperature, "must be >= 0 (0 = greedy)")
     require(all(1 <= d <= MAX_DIFFICULTY for d in r.eval_difficulties), "rl.eval_difficulties", r.eval_difficulties,
             f"must be levels in 1..{MAX_DIFFICULTY} (empty = tasks.difficulties)")
@@ -74,6 +77,28 @@ def rejection_rules(cfg: Config, world: World) -> None:
     require(0 < r.top_p <= 1, "rejection.top_p", r.top_p, "must be in (0, 1] (1 = off)")
     require(0 <= r.max_repetition <= 1, "rejection.max_repetition", r.max_repetition,
             "must be in [0, 1] (1 = keep all)")
+
+
+def enough_problems(cfg: Config, key: str, split: str, difficulties: list[int] | None = None) -> None:
+    """The launcher's check that `tasks` holds the `key` problems it will draw from `split` (generating
+    them, so not one of the RULES every config runs: GRPO, rejection sampling and SFT call it first)."""
+    t, n = cfg.tasks, _get(cfg, key)
+    levels = difficulties or t.difficulties
+    if (not t.families or any(f not in FAMILIES for f in t.families) or not levels
+            or any(not 1 <= d <= MAX_DIFFICULTY for d in levels) or not 0 < t.held_out_fraction < 1 or n < 1):
+        return  # the RULES name these keys (the launcher validates right after)
+    try:
+        mixture(t.families, levels, split, n, t.seed, t.held_out_fraction)
+    except NotEnoughProblems as e:
+        share = -(-n // (len(t.families) * len(levels)))
+        raise ConfigError(key, n, f"asks {share} {split} problems of {e.family} at difficulty {e.difficulty} "
+                          f"(an equal share per family and difficulty), but only {e.found} exist: ask for fewer, "
+                          "or add harder difficulties (tasks.difficulties) or families (tasks.families)") from None
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 RULES = (post_training_rules, grpo_rules, rejection_rules)

@@ -14,6 +14,11 @@ MoE in RL, where the frameworks are silent:
 - The sampler-vs-trainer log-probability difference is logged (`logprob_diff/*`): the cached decoder
   and the full forward compute the same function in another order, and a routing flip between them
   shows there.
+- `rl.router_replay`: the sampler records every position's experts in every MoE layer, and the training
+  forwards route with them (StepAux.forced_experts): the gating weights stay the current router's scores
+  of those experts, so the router still learns (the contract of Megatron's routing replay and of
+  "Rollout Routing Replay", R3). `routing_drift/*` is the share of tokens whose replayed experts the
+  trainer's router would not choose now: what replay keeps out of `logprob_diff/*`.
 - `rl.mtp`: `off` leaves the MTP modules untouched; `train` trains them on the sampled completions
   (their CE on the completion tokens, weight train.mtp_loss_weight), so MTP drafts keep up with the policy.
 """
@@ -28,7 +33,7 @@ import torch.distributed as dist
 
 from dsv3.config.schema import Config
 from dsv3.data.tokenizer import eos_id
-from dsv3.generate import Generator, SamplingParams
+from dsv3.generate import Generator, SamplingParams, routing_layers
 from dsv3.model.step_aux import StepAux, add_loads
 from dsv3.model.transformer import IGNORE
 from dsv3.parallel.mesh import Env, all_reduce_sum
@@ -54,15 +59,16 @@ class GRPOTrainer(Trainer):
         self.eos = eos_id(tokenizer)
         self.reference = self._reference() if r.beta > 0 else None
         params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                top_k=r.top_k, num_samples=r.num_generations)
+                                top_k=r.top_k, num_samples=r.num_generations, record_routing=r.router_replay)
         self.sampler = Sampler(Generator(self.model, tokenizer), self.train_data, WeightedReward(cfg.rewards), params,
                                r.system_prompt, cfg.train.seed)
         if env.is_main:
             log.info("GRPO: %d prompts x G=%d per step, mu=%d, eps=(%g, %g), beta=%g (%s)%s, %s aggregation, "
-                     "advantages %s, expert bias %s, MTP %s; held-out evaluation: %d problems",
+                     "advantages %s, expert bias %s, router replay %s, MTP %s; held-out evaluation: %d problems",
                      r.prompts_per_step, r.num_generations, r.mu, r.epsilon, r.epsilon_high, r.beta, r.kl_estimator,
                      "" if r.beta > 0 else ": no reference model", r.loss_aggregation,
-                     "/ group std" if r.scale_advantages else "- group mean only", r.expert_bias, r.mtp,
+                     "/ group std" if r.scale_advantages else "- group mean only", r.expert_bias,
+                     "on" if r.router_replay else "off", r.mtp,
                      len(self.val_data))
 
     # -- data: training prompts and held-out problems -----------------------------------------------------
@@ -162,6 +168,14 @@ class GRPOTrainer(Trainer):
                     s["completion_tokens"] += float(comp.sum())
                     peaks[0] = max(peaks[0], float((terms.ratio - 1).abs()[mask].max()) if mask.any() else 0.0)
                     peaks[1] = max(peaks[1], float(diff.max()) if diff.numel() else 0.0)
+                    if aux.routing_drift:
+                        # over the real input positions (prompt and completion): drifted in any layer, and
+                        # the mean over (position, layer)
+                        real = (torch.arange(mask.shape[1], device=dev)[None] < data["length"][idx].to(dev)[:, None])
+                        drift = torch.stack([aux.routing_drift[m] for m in routing_layers(self.model)], dim=-1)
+                        s["drift_tokens"] += float((drift.any(dim=-1) & real).sum())
+                        s["drift_pairs"] += float((drift & real[..., None]).sum()) / drift.shape[-1]
+                        s["real_tokens"] += float(real.sum())
                 s["training_tokens"] += float(data["length"][idx].sum())
             grad_norm = self.plan.reduce_and_clip(cfg.optim.grad_clip)
             # every rank's gradient norm finite, or no rank applies the step (train.on_nonfinite counts it)
@@ -195,16 +209,28 @@ class GRPOTrainer(Trainer):
             out["mtp_loss"] = g["mtp_loss"]
         if t.balance_loss_alpha > 0:
             out["balance_loss"] = g["balance"]
+        if r.router_replay:
+            out["routing_drift/tokens"] = g["drift_tokens"] / max(g["real_tokens"], 1.0)
+            out["routing_drift/layer_tokens"] = g["drift_pairs"] / max(g["real_tokens"], 1.0)
         return out
 
     def _rows(self, data: dict, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.env.device
         return data["inputs"][idx].to(dev), data["targets"][idx].to(dev)
 
+    def _replay(self, model: torch.nn.Module, data: dict, idx: list[int], aux: StepAux) -> StepAux:
+        """With rl.router_replay: `aux` routing the main model's MoE layers of `model` as the sampler did
+        for rows `idx` (the MTP modules, never run by the sampler, route themselves)."""
+        if self.cfg.rl.router_replay:
+            routing = data["routing"][idx].to(self.env.device)
+            aux.forced_experts = {m: routing[:, :, i] for i, m in enumerate(routing_layers(model))}
+        return aux
+
     def _forward(self, data: dict, idx: list[int], lam: float, aux: StepAux):
         """The policy's log-probabilities and entropies of the targets of rows `idx`, and its MTP loss on
         their completion tokens (a sum over them divided by aux.loss_normalizer; 0 when MTP is off)."""
         inputs, targets = self._rows(data, idx)
+        self._replay(self.model, data, idx, aux)
         with self.autocast:
             h = self.model.hidden(inputs, None, aux)
             logits = self.model.head(self.model.norm(h))
@@ -218,8 +244,14 @@ class GRPOTrainer(Trainer):
     @torch.no_grad()
     def _reference_logprobs(self, data: dict, idx: list[int]) -> torch.Tensor:
         inputs, targets = self._rows(data, idx)
+        # Under router replay the reference routes as the sampler did too. The policy's log-probabilities
+        # are then those of its weights under the sampler's routing, and the KL term compares the
+        # reference on the same footing: it measures how far the weights moved, not routing noise, and is
+        # exactly 0 while the policy is still the reference (with the reference's own routing it would
+        # count every routing flip of the first step as divergence).
+        aux = self._replay(self.reference, data, idx, StepAux())
         with self.autocast:
-            logits = self.reference(inputs)
+            logits = self.reference.head(self.reference.norm(self.reference.hidden(inputs, None, aux)))
         return token_logprobs(logits, targets, self.cfg.rl.temperature)[0]
 
     # -- evaluation: held-out accuracy -------------------------------------------------------------------------

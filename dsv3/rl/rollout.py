@@ -65,7 +65,8 @@ class Batch:
         to the batch's longest (the same width whatever the plan, so that padding routes alike too).
         Returns inputs and targets [N, S]; mask [N, S] (the targets that are completion tokens and count);
         completion [N, S] (the targets that are completion tokens); sampler_logp [N, S] (the generator's
-        log-probabilities there); truncated [N]; length [N] (real input positions)."""
+        log-probabilities there); truncated [N]; length [N] (real input positions); with recorded routing,
+        routing [N, S, MoE layers, K] (the sampler's experts of each input position, -1 on padding)."""
         rows = [c.prompt_tokens + c.tokens for c in self.completions]
         N, S = len(rows), max(len(r) for r in rows) - 1
         tokens = torch.full((N, S + 1), pad_id, dtype=torch.long)
@@ -82,6 +83,12 @@ class Batch:
                "length": torch.tensor([len(r) - 1 for r in rows])}
         for i, c in enumerate(self.completions):
             out["completion"][i, len(c.prompt_tokens) - 1:len(c.prompt_tokens) - 1 + len(c.tokens)] = True
+        if self.completions[0].routing is not None:
+            # the sampler's experts at every input position, -1 (the router's own choice) on the padding
+            layers, k = self.completions[0].routing.shape[1:]
+            out["routing"] = torch.full((N, S, layers, k), -1, dtype=torch.long)
+            for i, c in enumerate(self.completions):
+                out["routing"][i, :len(c.routing)] = c.routing.long()
         return out
 
 

@@ -11,6 +11,7 @@ SFT data).
 Splits. A problem is held out or not by a hash of its canonical text, so train and held-out sets never
 share a problem, whatever the seed, the difficulty or the number drawn.
 """
+import functools
 import hashlib
 import random
 from dataclasses import dataclass, field
@@ -169,10 +170,27 @@ FAMILIES: dict[str, Callable[[random.Random, int], Problem]] = {
 MAX_DIFFICULTY = 5
 
 
+class NotEnoughProblems(ValueError):
+    """A family has fewer distinct problems of a difficulty and split than were asked (the easy levels'
+    spaces are small: arithmetic at difficulty 1 has ~150 training problems)."""
+
+    def __init__(self, family: str, split: str, difficulty: int, found: int, asked: int):
+        super().__init__(f"only {found} distinct {split} problems of {family} at difficulty {difficulty} "
+                         f"found, {asked} asked")
+        self.family, self.split, self.difficulty, self.found, self.asked = family, split, difficulty, found, asked
+
+
 def problems(family: str, split: str, difficulty: int, n: int, seed: int = 0,
              held_out_fraction: float = 0.1) -> list[Problem]:
     """n distinct problems of one family, difficulty and split, drawn from a generator seeded by
-    (seed, family, difficulty, split). The same arguments always give the same list."""
+    (seed, family, difficulty, split). The same arguments always give the same list (kept: a launcher
+    checks the counts before the run draws the same problems)."""
+    return list(_problems(family, split, difficulty, n, seed, held_out_fraction))
+
+
+@functools.lru_cache(maxsize=64)
+def _problems(family: str, split: str, difficulty: int, n: int, seed: int, held_out_fraction: float
+              ) -> tuple[Problem, ...]:
     if family not in FAMILIES:
         raise ValueError(f"task family {family!r}: must be one of {', '.join(FAMILIES)}")
     if split not in SPLITS:
@@ -186,19 +204,19 @@ def problems(family: str, split: str, difficulty: int, n: int, seed: int = 0,
     while len(out) < n:
         tries += 1
         if tries > 200 * n + 1000:
-            raise ValueError(f"only {len(out)} distinct {split} problems of {family} at difficulty "
-                             f"{difficulty} found, {n} asked")
+            raise NotEnoughProblems(family, split, difficulty, len(out), n)
         p = FAMILIES[family](rng, difficulty)
         if p.key in seen or split_of(p, held_out_fraction) != split:
             continue
         seen.add(p.key)
         out.append(p)
-    return out
+    return tuple(out)
 
 
 def mixture(families: list[str], difficulties: list[int], split: str, n: int, seed: int = 0,
             held_out_fraction: float = 0.1) -> list[Problem]:
-    """n problems spread evenly over families x difficulties, interleaved (deterministic)."""
+    """n problems spread evenly over families x difficulties, interleaved (deterministic). Raises
+    NotEnoughProblems when a cell has fewer than its share."""
     cells = [(f, d) for f in families for d in difficulties]
     per = -(-n // len(cells))
     pools = [problems(f, split, d, per, seed, held_out_fraction) for f, d in cells]

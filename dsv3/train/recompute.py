@@ -14,10 +14,12 @@ change, so checkpoints, pipeline cuts and expert slices see the same model.
 The recomputation is numerically the forward again (same inputs, same kernels): losses and gradients
 are bit-identical to no checkpointing. What a forward records must not be recorded twice: the expert
 counts and balance losses it writes into the step's `StepAux` (the aux-loss-free bias update and the
-log read them), so a recomputed module writes into a throwaway copy (`StepAux.fresh()`).
+log read them), so a recomputed module writes into a throwaway copy (`StepAux.fresh()`) that keeps the
+forward's inputs, forced routing included.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from contextlib import nullcontext
@@ -54,7 +56,9 @@ def _contexts():
 
 
 def _throwaway(x):
-    return x.fresh() if isinstance(x, StepAux) else x
+    # Records nothing twice, but routes as the first forward did: forced routing (RL's router replay)
+    # is an input of this forward, and a recomputation that routed otherwise would compute other gradients.
+    return dataclasses.replace(x.fresh(), forced_experts=x.forced_experts) if isinstance(x, StepAux) else x
 
 
 def _checkpointed(forward, *args, **kwargs):

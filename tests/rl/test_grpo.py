@@ -192,6 +192,7 @@ def grpo_config(base_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("key,value", [
     ("rl.num_generations", 1), ("rl.kl_estimator", "k4"), ("rl.loss_aggregation", "seq_sum"), ("rl.epsilon", 1.5),
     ("rl.temperature", 0.0), ("rl.expert_bias", "learn"), ("rl.mu", 0), ("rl.constant_normalizer", 0),
+    ("rl.prompt_pool", 400), ("rl.eval_problems", 100),   # more difficulty-1 problems than exist
     ("parallel.ep", 2), ("precision.dtype", "fp8"), ("precision.dtype", "fp16"), ("parallel.zero", 1), ("rejection.num_samples", 0), ("rejection.max_repetition", 2.0)])
 def test_bad_settings_are_refused_naming_the_key(grpo_config, key, value):
     """What launch/grpo.py checks before any work (it prints the error and exits 2)."""
@@ -204,6 +205,47 @@ def test_bad_settings_are_refused_naming_the_key(grpo_config, key, value):
         launch_grpo.prepare(cfg)
         validate(cfg)
     assert str(e.value).startswith(f"invalid config: {key}={value!r}:"), str(e.value)
+
+
+def test_config_errors_of_router_replay_and_rejection_problems(grpo_config):
+    """rl.router_replay on a model without MoE layers; rejection.problems beyond what the task has (its
+    launcher's check, before any work)."""
+    from dsv3.config.rules import World
+    from dsv3.config.validate import validate
+    from dsv3.rl.config_rules import grpo_rules
+
+    cfg = copy.deepcopy(grpo_config)
+    launch_grpo.prepare(cfg)
+    cfg.rl.router_replay = True
+    validate(cfg)
+    cfg.model.n_dense_layers = cfg.model.n_layers       # (the checkpoint's rule would refuse it first)
+    with pytest.raises(ConfigError, match=r"^invalid config: rl.router_replay=True: needs MoE layers"):
+        grpo_rules(cfg, World())
+    spec = importlib.util.spec_from_file_location("launch_rejection", os.path.join(ROOT, "launch", "rejection_sample.py"))
+    launch_rejection = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launch_rejection)
+    cfg = copy.deepcopy(grpo_config)
+    cfg.rejection.problems = 400
+    with pytest.raises(ConfigError, match=r"^invalid config: rejection.problems=400: asks 200 train problems of "
+                                          r"arithmetic at difficulty 1 .* but only \d+ exist"):
+        launch_rejection.prepare(cfg)
+
+
+def test_router_replay_run_and_its_tensorboard_metrics(base_checkpoint, tmp_path, digit_reward):
+    """rl.router_replay=true end to end: the first inner step still has ratio exactly 1 and KL exactly 0
+    (the reference routes as the sampler did too), the sampler's log-probabilities are reproduced, the
+    routing drift is logged; and the GRPO metrics reach TensorBoard with the values of metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = str(tmp_path / "replay")
+    m = run_in_process(base_checkpoint, run, *SIGNAL, "train.max_steps=1", "rl.router_replay=true")[-1]
+    assert m["kl"] == 0.0 and m["ratio_first_step_max_dev"] == 0.0 and m["logprob_diff/max_abs"] < 1e-4
+    assert 0 <= m["routing_drift/layer_tokens"] <= m["routing_drift/tokens"] <= 1 and m["grad_norm"] > 0
+    events = EventAccumulator(os.path.join(run, "tb"))
+    events.Reload()
+    for key in ("reward", "kl", "logprob_diff/mean_abs", "routing_drift/tokens", "clip_frac/high"):
+        assert events.Scalars(key)[-1].value == pytest.approx(m[key], rel=1e-6, abs=1e-12), key
+    assert [e.step for e in events.Scalars("eval/pass@1")] == [1]
 
 
 def test_rejection_sampling_launcher_writes_sft_data(base_checkpoint, tmp_path):
