@@ -34,6 +34,7 @@ from dsv3.kernels.ops import resolve_grouped_gemm_impl  # noqa: E402
 from dsv3.model import Transformer, init_weights  # noqa: E402
 from dsv3.model.step_aux import StepAux  # noqa: E402
 from dsv3.train.optim import AdamW, parameter_groups  # noqa: E402
+from benchmarks.timing import seconds_per_call  # noqa: E402
 from dsv3.planner.flops import training_flops  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,15 +122,7 @@ class HFStep:
 def gpu_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
     """Dense bf16 GEMM rate of this GPU (the MFU denominator measured in the run), mean of `reps`."""
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+    return 2 * n ** 3 / seconds_per_call(lambda: a @ b, torch.device("cuda"), reps, warmup=3) / 1e12
 
 
 def make_contenders(cfg: ModelConfig, device: torch.device, precisions: list[str], with_hf: bool):

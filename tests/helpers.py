@@ -86,3 +86,9 @@ def kill_hard(proc: subprocess.Popen) -> list[int]:
             pass
     proc.wait()
     return below
+
+
+def checked(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """The run's result, after asserting it succeeded (its output's tails in the failure message)."""
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r

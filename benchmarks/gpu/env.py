@@ -14,6 +14,9 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.timing import seconds_per_call  # noqa: E402
+
 
 def _smi() -> dict:
     try:
@@ -25,24 +28,13 @@ def _smi() -> dict:
 
 
 def _cuda_rates() -> dict:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def timed(fn, reps):
-        for _ in range(3):
-            fn()
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / reps
-
+    cuda = torch.device("cuda")
     n = 8192
     a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    gemm = 2 * n ** 3 / timed(lambda: a @ b, 20) / 1e12
+    gemm = 2 * n ** 3 / seconds_per_call(lambda: a @ b, cuda, 20, warmup=3) / 1e12
     src = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")  # 1 GiB, far past the L2
     dst = torch.empty_like(src)
-    copy = 2 * src.numel() / timed(lambda: dst.copy_(src), 20) / 1e9
+    copy = 2 * src.numel() / seconds_per_call(lambda: dst.copy_(src), cuda, 20, warmup=3) / 1e9
     return {"bf16_gemm_tflops": gemm, "copy_gb_per_s": copy}
 
 

@@ -16,30 +16,14 @@ V3 shapes: hidden 7168, top-8 of 256 experts routed uniformly over 8 ranks; disp
 """
 import argparse
 import json
+import os
 import platform
 import sys
-import time
 
 import torch
 
-
-def _timer(device: torch.device, iters: int):
-    def timed(fn) -> float:
-        fn()  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(iters):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3 / iters
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) / iters
-    return timed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.timing import seconds_per_call  # noqa: E402
 
 
 def _regions(counts: list[int], row_bytes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +42,7 @@ def measure(device: torch.device, tokens: list[int], hidden: int = 7168, topk: i
             ranks: int = 8, iters: int = 20) -> list[dict]:
     from dsv3.kernels import dispatch
 
-    ext, timed, rows_out = dispatch.extension(), _timer(device, iters), []
+    ext, rows_out = dispatch.extension(), []
     groups = -(-hidden // 128)
     for t in tokens:
         g = torch.Generator().manual_seed(t)
@@ -101,7 +85,7 @@ def measure(device: torch.device, tokens: list[int], hidden: int = 7168, topk: i
         ]
         results = []
         for name, fn, nbytes in cases:
-            s = timed(fn)
+            s = seconds_per_call(fn, device, iters)
             results.append(dict(tokens=t, op=name, rows=pairs if name.startswith("combine") else s_rows,
                                 ms=s * 1e3, gb_per_s=nbytes / s / 1e9))
         ceiling = results[0]["gb_per_s"]

@@ -8,28 +8,15 @@ token of the layer's input; on a GPU also GB/s. The numbers in docs/kernels.md c
 """
 import argparse
 import json
+import os
 import platform
-import time
+import sys
 
 import torch
 
-from dsv3.kernels import dispatch, dispatch_reference
-
-
-def timed(fn, device, iters):
-    fn()  # warm-up (and first-touch allocation)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.timing import seconds_per_call  # noqa: E402
+from dsv3.kernels import dispatch, dispatch_reference  # noqa: E402
 
 
 def nbytes(*tensors):
@@ -84,7 +71,7 @@ def main():
     ops, sizes = cases(args, device)
     results = []
     for name, kernel, twin, moved in ops:
-        tk, tt = timed(kernel, device, args.iters), timed(twin, device, args.iters)
+        tk, tt = seconds_per_call(kernel, device, args.iters), seconds_per_call(twin, device, args.iters)
         results.append(dict(op=name, kernel_ms=tk * 1e3, twin_ms=tt * 1e3, speedup_vs_twin=tt / tk,
                             bytes_per_token=moved / args.tokens, gb_per_s=moved / tk / 1e9))
     report = dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

@@ -5,7 +5,8 @@ The routed experts always run grouped: (token, k) pairs are sorted by expert by 
 and all experts are computed by one grouped GEMM per projection. The default dispatcher is local;
 an expert-parallel plan swaps in one that exchanges rows between ranks. The model never knows which.
 """
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -151,15 +152,47 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_y, torch.full(shape, ctx.coeff, dtype=dtype, device=device), None
 
 
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_activated: int) -> torch.Tensor:
-    """Complementary sequence-wise balance loss sum_i f_i P_i, averaged over sequences (V3 eq. 17-20)."""
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int, n_activated: int,
+                          whole: Optional[Callable] = None) -> torch.Tensor:
+    """Complementary sequence-wise balance loss sum_i f_i P_i, averaged over sequences (V3 eq. 17-20).
+    `whole(hits, positions, prob_sums)`: these positions are a part of longer sequences (StepAux.parts);
+    it returns the sequences' totals, and this part's term is its share of the whole sequences' loss."""
     n_experts = scores.shape[-1]
     probs = (scores / scores.sum(dim=-1, keepdim=True)).unflatten(0, (batch, -1))  # [B, S, E]
     seq_len = probs.shape[1]
     hits = torch.zeros(batch, n_experts, device=scores.device, dtype=scores.dtype)
     hits.scatter_add_(1, indices.view(batch, -1), torch.ones_like(indices.view(batch, -1), dtype=scores.dtype))
+    if whole is not None:
+        prob_sums = probs.sum(dim=1)
+        return _PartOfSequenceBalance.apply(prob_sums, whole(hits, seq_len, prob_sums), n_activated)
     f = hits * n_experts / (n_activated * seq_len)
     return (f * probs.mean(dim=1)).sum(dim=-1).mean()
+
+
+def balance_from_totals(prob_sums: torch.Tensor, hits: torch.Tensor, positions: int, n_activated: int) -> torch.Tensor:
+    """sum_i f_i P_i averaged over sequences, from the sums over `positions` of the routing
+    probabilities [B, E] and the expert hits [B, E]."""
+    f = hits * hits.shape[-1] / (n_activated * positions)
+    return (f * prob_sums / positions).sum(dim=-1).mean()
+
+
+class _PartOfSequenceBalance(torch.autograd.Function):
+    """A part's term of its sequences' balance loss: sum_i f_i (sum over its positions of p_i) / S per
+    sequence, the parts' terms summing to the whole loss. f and S are the whole sequences': at the
+    forward they may still lack the later parts (the value is then partial), at the backward, which
+    runs after every part's forward, they are complete; f carries no gradient, so d/dp_i = f_i / S."""
+
+    @staticmethod
+    def forward(ctx, prob_sums, totals, n_activated):
+        ctx.totals, ctx.n_activated = totals, n_activated
+        hits, positions = totals()
+        return balance_from_totals(prob_sums, hits, positions, n_activated)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hits, positions = ctx.totals()
+        f = hits * hits.shape[-1] / (ctx.n_activated * positions)
+        return grad * f / (positions * hits.shape[0]), None, None
 
 
 class MoE(nn.Module):
@@ -196,7 +229,8 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if aux is not None and aux.balance_coeff > 0 and torch.is_grad_enabled():
-            balance = sequence_balance_loss(scores, indices, B, self.n_activated)
+            whole = None if aux.parts is None else functools.partial(aux.parts.add, self)
+            balance = sequence_balance_loss(scores, indices, B, self.n_activated, whole)
             aux.balance.append(balance.detach())
             y = _AttachAuxLoss.apply(y, balance, aux.balance_coeff * aux.grad_scale)
         return y.view(B, S, D)

@@ -24,6 +24,7 @@ from dsv3.model.moe import MoE
 from dsv3.model.step_aux import StepAux, add_loads
 from dsv3.parallel.pipeline.executor import Stage
 from dsv3.parallel.pipeline.partition import n_stages, partition_layers, rank_stages
+from dsv3.train.recompute import recomputes
 
 
 class StageLayout:
@@ -179,5 +180,6 @@ def cut_model(model: Transformer, layout: StageLayout, rank: int, ctx: StepConte
     stages, last = [], layout.n_stages - 1
     for s in layout.stages_of(rank):
         body = StageBody(model, layout.ranges[s], s == 0, ctx)
-        stages.append(Stage(s, body, HeadLoss(model, ctx) if s == last else None))
+        head = HeadLoss(model, ctx) if s == last else None
+        stages.append(Stage(s, body, head, recomputes=recomputes(body) or (head is not None and recomputes(head))))
     return stages

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from dsv3.model.step_aux import StepAux
+from dsv3.model.step_aux import SequenceParts, StepAux
 from dsv3.model.transformer import IGNORE
 from dsv3.parallel.model_stages import HeadLoss, StepContext
 from dsv3.parallel.pipeline.executor import OverlapHook, PipelineExecutor, Stage
@@ -91,10 +91,12 @@ class PipelineRunner:
             mod.train()
         t = self.ctx
         t.clear()
-        if n > 1:   # Seq1F1B: each segment's balance loss weighs 1/N of its micro-batch's (alpha / n_micro)
-            aux = StepAux(aux.balance_coeff / n, aux.loss_normalizer, aux.grad_scale)
+        if n > 1:   # Seq1F1B: the segments' balance-loss terms add up to their sequences' (f over the whole)
+            aux = StepAux(aux.balance_coeff, aux.loss_normalizer, aux.grad_scale, parts=SequenceParts())
         t.autocast, t.mtp_weight, t.aux = autocast, mtp_weight, aux
         self.executor.step(inputs, targets)
+        if n > 1:   # the logged balance losses: the whole sequences', complete now (per segment: partial)
+            t.balance[:] = [aux.parts.balance(self.device) * n]
         zero = torch.zeros((), device=self.device)
         # each schedule micro-batch's losses are a mean over the batch's sequences (segments: see HeadLoss)
         sums = torch.stack([torch.stack(xs).sum() if xs else zero for xs in (t.main, t.mtp, t.balance)]) / m

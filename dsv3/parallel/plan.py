@@ -193,8 +193,7 @@ class Plan:
 
     def describe(self) -> str:
         lay, p = self.layout, self.cfg_parallel
-        segments = ("; each sequence in {} segments, the balance loss's statistics per segment".format(p.seq_chunks)
-                    if p.pp_schedule == "seq1f1b" else "")
+        segments = f"; each sequence in {p.seq_chunks} segments" if p.pp_schedule == "seq1f1b" else ""
         parts = [f"pp={lay.pp} ({p.pp_schedule}{segments})" if lay.pp > 1 else None, f"dp={lay.dp}",
                  f"ep={lay.ep}" if lay.ep > 1 else None,
                  f"F&B overlap {'on' if self.comm.overlap else 'off'}" if lay.ep > 1 else None,

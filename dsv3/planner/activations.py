@@ -14,10 +14,20 @@ What a precision keeps (`Numerics`):
 The residual stream is fp32 (fp32 master weights; the residual additions promote), except inside the
 MTP blocks under autocast, whose input is a BF16 projection. Not counted here: what an op allocates and
 frees within the forward (workspace), and expert-parallel routing indices kept outside autograd.
+
+Activation checkpointing (`train.activation_checkpointing`, dsv3/train/recompute.py): a module the mode
+wraps (`RECOMPUTED`) keeps only its inputs through the forward; what its ops would save is counted apart
+as that module's recomputation (`Saved.recomputations`), which exists in the backward from the module's
+recomputation until autograd has used it. Backward runs in the reverse order of the forward, so when a
+module recomputes, what the chunk kept up to the module's end is still alive, what came after is freed:
+the chunk's backward peaks at max over its recomputed modules of (kept up to the module + its
+recomputation) (`Saved.backward_peak`). Seq1F1B's keys and values that later segments read stay alive
+whatever the mode (the carry holds them); the recomputation makes its own copy.
 """
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -25,6 +35,9 @@ from dsv3.config.schema import ModelConfig
 from dsv3.kernels.fp8_format import TILE, cdiv
 
 FP32, BF16, INT64, INT32, BOOL = 4, 2, 8, 4, 1
+
+# train.activation_checkpointing -> the module it wraps (dsv3/train/recompute.py: Block, MoE, MLA)
+RECOMPUTED = {"none": None, "full": "block", "moe": "moe", "attention": "attention"}
 
 
 @dataclass(frozen=True)
@@ -69,22 +82,52 @@ def fp8_blocks(n: int, out_f: int, in_f: int) -> int:
 
 
 class Saved:
-    """Bytes kept for backward, by module; a storage several ops keep (`key`) counts once."""
+    """Bytes kept for backward, by module; a storage several ops keep (`key`) counts once. Inside a
+    recomputed module (`recomputed()`), what its ops save goes to that module's recomputation instead;
+    there a storage kept outside (the module's inputs) is not counted again."""
 
     def __init__(self):
         self.by_module: dict[str, int] = defaultdict(int)
         self._keys: set[str] = set()
+        self.recomputations: list[tuple[int, int]] = []   # (kept up to the module's end, its recomputation)
+        self._region: int | None = None
+        self._region_keys: set[str] = set()
 
-    def add(self, module: str, nbytes: int, key: str | None = None) -> None:
+    def add(self, module: str, nbytes: int, key: str | None = None, kept: bool = False) -> None:
+        """`kept`: held until the backward even inside a recomputed module (Seq1F1B's carried keys and
+        values): kept outside, and recomputed too."""
+        if self._region is not None:
+            if key is None or key not in self._region_keys:
+                self._region += int(nbytes)
+                if key is not None:
+                    self._region_keys.add(key)
+            if not kept:
+                return
         if key is not None:
             if key in self._keys:
                 return
             self._keys.add(key)
         self.by_module[module] += int(nbytes)
 
+    @contextmanager
+    def recomputed(self):
+        """A module under torch.utils.checkpoint: its inputs are added (kept) before entering."""
+        self._region, self._region_keys = 0, set(self._keys)
+        try:
+            yield
+        finally:
+            self.recomputations.append((self.total, self._region))
+            self._region = None
+
     @property
     def total(self) -> int:
         return sum(self.by_module.values())
+
+    @property
+    def backward_peak(self) -> int:
+        """The most this chunk holds during its backward: recomputing a module while what the forward
+        kept up to that module is alive (0 without recomputation)."""
+        return max((kept + again for kept, again in self.recomputations), default=0)
 
     def above_weights(self, last_layer: str | None, last_stage: bool) -> int:
         """What a stage's graph holds above its last weight GEMMs: freed once the input gradient is
@@ -102,9 +145,22 @@ class _Forward:
     """Walks the model's forward like the code does, adding what each op keeps to a `Saved`."""
 
     def __init__(self, cfg: ModelConfig, num: Numerics, fp8_linears: set[str], ep: int, expert_align: int,
-                 saved: Saved):
+                 saved: Saved, recompute: str = "none"):
         self.c, self.num, self.fp8_linears, self.saved = cfg, num, fp8_linears, saved
         self.ep, self.align = ep, expert_align
+        self.recompute = RECOMPUTED[recompute]
+
+    @contextmanager
+    def module(self, kind: str, where: str, inputs: list[tuple[str, int]]):
+        """The forward of a module of `kind`; if the mode recomputes it, the checkpoint keeps `inputs`
+        ((key, bytes) of each input tensor) and the rest becomes its recomputation."""
+        if self.recompute != kind:
+            yield
+            return
+        for key, nbytes in inputs:
+            self.saved.add(where, nbytes, key)
+        with self.saved.recomputed():
+            yield
 
     # -- primitives ---------------------------------------------------------------------------------
     def norm(self, where: str, rows: int, width: int, x_key: str, x_bytes: int, x_storage: int | None = None) -> str:
@@ -160,13 +216,16 @@ class _Forward:
         self.linear(f"{where}.wkv_b", rows, c.kv_lora_rank, H * (c.qk_nope_head_dim + dv), zkv, FP32)
         # SDPA keeps q, k, v (v zero-padded to q's head dim for the flash kernels), its output and the
         # log-sum-exp; keys and values span the earlier segments' positions too (prefix)
+        # (a segment whose sequence goes on hands its [prefix; own] keys and values to the next one)
         kv_rows = rows // seq * (seq + ch.prefix)
         v_width = max(dv, qk)
-        self.saved.add(where, rows * H * qk * act + kv_rows * H * qk * act)
+        carried = not ch.last_of_sequence
+        self.saved.add(where, rows * H * qk * act)
+        self.saved.add(where, kv_rows * H * qk * act, f"{where}:k", kept=carried)
         if v_width > dv or ch.prefix:
-            self.saved.add(where, kv_rows * H * v_width * act)
+            self.saved.add(where, kv_rows * H * v_width * act, f"{where}:v", kept=carried)
         else:                                   # v is a view of wkv_b's output: that storage is kept
-            self.saved.add(where, rows * H * (c.qk_nope_head_dim + dv) * act)
+            self.saved.add(where, rows * H * (c.qk_nope_head_dim + dv) * act, f"{where}:v", kept=carried)
         self.saved.add(where, rows * H * qk * act + rows * H * FP32)
         if ch.document_masks or ch.prefix:      # an explicit [S, P+S] boolean mask (per sequence with documents)
             self.saved.add(where, (rows // seq if ch.document_masks else 1) * seq * (seq + ch.prefix) * BOOL)
@@ -214,14 +273,19 @@ class _Forward:
     def block(self, where: str, ch: Chunk, rows: int, seq: int, moe: bool, x_bytes: int = FP32) -> None:
         """One transformer layer on the residual stream x (a fresh tensor of x_bytes per element)."""
         d = self.c.dim
-        z = self.norm(f"{where}.attn_norm", rows, d, f"{where}:x", x_bytes)
-        self.mla(f"{where}.attn", ch, rows, seq, z)
-        h_bytes = x_bytes if x_bytes == FP32 else self.num.act
-        z = self.norm(f"{where}.ffn_norm", rows, d, f"{where}:h", h_bytes)
-        if moe:
-            self.moe(f"{where}.ffn", ch, rows, z, seq)
-        else:
-            self.swiglu(f"{where}.ffn", rows, self.c.inter_dim, z)
+        # a packed-documents mask is one tensor, made once per forward and read by every layer
+        mask = [("document mask", rows // seq * seq * seq * BOOL)] if ch.document_masks else []
+        with self.module("block", where, [(f"{where}:x", rows * d * x_bytes), *mask]):
+            z = self.norm(f"{where}.attn_norm", rows, d, f"{where}:x", x_bytes)
+            with self.module("attention", f"{where}.attn", [(z, rows * d * FP32), *mask]):
+                self.mla(f"{where}.attn", ch, rows, seq, z)
+            h_bytes = x_bytes if x_bytes == FP32 else self.num.act
+            z = self.norm(f"{where}.ffn_norm", rows, d, f"{where}:h", h_bytes)
+            if moe:
+                with self.module("moe", f"{where}.ffn", [(z, rows * d * FP32)]):
+                    self.moe(f"{where}.ffn", ch, rows, z, seq)
+            else:
+                self.swiglu(f"{where}.ffn", rows, self.c.inter_dim, z)
 
     def head_loss(self, where: str, rows: int, x_key: str, x_bytes: int) -> None:
         """norm -> head -> cross-entropy: log_softmax keeps its fp32 output, NLL a copy of the labels."""
@@ -248,11 +312,12 @@ class _Forward:
 
 
 def chunk_saved(cfg: ModelConfig, num: Numerics, ch: Chunk, layers: range, first: bool, last: bool,
-                fp8_linears: set[str], ep: int = 1, expert_align: int = 1) -> Saved:
+                fp8_linears: set[str], ep: int = 1, expert_align: int = 1, recompute: str = "none") -> Saved:
     """Bytes one forward of a stage (embedding if `first`, `layers`, head and MTP if `last`) keeps for backward.
-    `fp8_linears`: the qualified names of the linears the FP8 recipe swaps (`shapes.ModelShape.fp8_linears`)."""
+    `fp8_linears`: the qualified names of the linears the FP8 recipe swaps (`shapes.ModelShape.fp8_linears`);
+    `recompute`: train.activation_checkpointing."""
     saved = Saved()
-    f = _Forward(cfg, num, fp8_linears, ep, expert_align, saved)
+    f = _Forward(cfg, num, fp8_linears, ep, expert_align, saved, recompute)
     rows = ch.batch * ch.seq
     if first:
         f.embed(ch)

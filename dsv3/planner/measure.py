@@ -6,14 +6,25 @@ planner's validation (tests/planner, benchmarks/plan_vs_measured.py).
   goes through a `saved_tensors_hooks` pack hook, which counts its storage (once, however many ops save
   it) until the last saved reference to it is released; parameters' storages are not activations and
   are skipped. Other holders of activations (Seq1F1B's key/value gradients waiting for the earlier
-  segment's backward) are added through `add_source`.
+  segment's backward, and its keys and values that later segments read, which no saved tensor holds
+  when their attention is recomputed) are added through `add_source`.
+- activation checkpointing (torch.utils.checkpoint, non-reentrant): a checkpointed module's inputs go
+  through the pack hook like any saved tensor; what its ops save is only a placeholder in the forward,
+  and in the backward the recomputation keeps its tensors in the checkpoint's frame, out of reach of
+  any hook, until autograd unpacks them. The probe wraps the frame's check that runs right after a
+  recomputation, counts the recomputed storages not already counted, and samples the peak there (the
+  frames stay counted while they hold recomputed tensors: a backward split into I and W leaves the
+  ones only W reads). This reads torch's private `_CheckpointFrame`; a torch that renames it fails here
+  loudly.
 The pack hook runs in the thread that saves: measure with the F&B overlap's threads off.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Iterable
 
 import torch
+import torch.utils.checkpoint as torch_checkpoint
 from torch import nn
 
 
@@ -61,8 +72,10 @@ class ActivationPeak:
         self._refs: dict[int, int] = {}
         self._sizes: dict[int, int] = {}
         self._skip: set[int] = set()
-        self._sources: list[Callable[[], int]] = []
+        self._sources: list[Callable[[], int]] = [self._recomputed_bytes]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda held: held.tensor)
+        self._frames: weakref.WeakSet = weakref.WeakSet()
+        self._check = None
 
     def add_source(self, nbytes: Callable[[], int]) -> None:
         """Another holder of activation memory, read whenever the count changes."""
@@ -74,10 +87,37 @@ class ActivationPeak:
     def __enter__(self) -> "ActivationPeak":
         self._skip = {p.untyped_storage().data_ptr() for m in self.models for p in [*m.parameters(), *m.buffers()]}
         self._hooks.__enter__()
+        frame_cls = torch_checkpoint._CheckpointFrame
+        self._check = frame_cls.check_recomputed_tensors_match
+        check = self._check
+
+        def recomputed(frame, gid):
+            check(frame, gid)
+            self._frames.add(frame)
+            self.sample()
+        frame_cls.check_recomputed_tensors_match = recomputed
         return self
 
     def __exit__(self, *exc) -> None:
+        torch_checkpoint._CheckpointFrame.check_recomputed_tensors_match = self._check
         self._hooks.__exit__(*exc)
+
+    def uncounted(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Bytes of the distinct storages of `tensors` that no saved tensor holds (for a source)."""
+        seen, total = set(), 0
+        for t in tensors:
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in seen or key in self._refs or key in self._skip:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
+        return total
+
+    def _recomputed_bytes(self) -> int:
+        """Storages the checkpoint frames hold from recomputations."""
+        return self.uncounted(t for frame in list(self._frames) for by_handle in list(frame.recomputed.values())
+                              for t in list(by_handle.values()))
 
     def _pack(self, t: torch.Tensor):
         storage = t.untyped_storage()

@@ -11,8 +11,9 @@ same amounts (the routed rows an expert rank receives are taken at their mean).
   over the data-parallel ranks (expert tensors over their expert-data-parallel group); offload moves
   them to the host;
 - activations: the peak over the step of what the chunks alive keep for backward (`activations.py`),
-  walked through the schedule's instruction order (`simulator.peak_activations`); under Seq1F1B also the
-  key/value gradients waiting for their segment's backward;
+  walked through the schedule's instruction order (`simulator.peak_activations`), with the backward's
+  recomputation under activation checkpointing on top of what is alive when it runs; under Seq1F1B also
+  the key/value gradients waiting for their segment's backward;
 - buffers: pipeline receives posted ahead of their chunk (fp32 [b, S, dim] each), the flat gradient
   bucket of the data-parallel reduction, the expert all-to-all's send and receive rows of one layer;
 - workspace: the largest tensor alive only inside one op (the head's logits and their gradient).
@@ -87,14 +88,17 @@ def outstanding_receives(sched: Schedule, rank: int) -> int:
 
 
 def pending_kv_grads(m, num: Numerics, setup: PlanSetup, layout: StageLayout, stages: list[int], b: int,
-                     seq: int) -> int:
+                     seq: int, positions: int | None = None) -> int:
     """Seq1F1B: before a segment's backward, the later segments have left the gradient of the keys and
     values it attended over (its own and the earlier segments', [b, (j+1)L, H, qk] each) in every
-    attention module of the stage; at most for the second-to-last segment, (N-1)L positions."""
+    attention module of the stage; at most for the second-to-last segment, (N-1)L positions
+    (`positions`: another number)."""
     qk = m.qk_nope_head_dim + m.qk_rope_head_dim
     per_position = m.n_heads * (qk + max(qk, m.v_head_dim)) * num.act
     attentions = sum(len(layout.ranges[s]) + (m.mtp_depth if s == layout.n_stages - 1 else 0) for s in stages)
-    return attentions * b * (seq - seq // setup.seq_chunks) * per_position
+    if positions is None:
+        positions = seq - seq // setup.seq_chunks
+    return attentions * b * positions * per_position
 
 
 def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
@@ -122,28 +126,42 @@ def plan_memory(cfg: Config, setup: PlanSetup) -> list[RankMemory]:
         if setup.offload:
             host, opt = opt, 0
 
-        def chunk(stage: int, mb: int = 0) -> tuple[int, int]:
-            """(bytes one forward keeps, the part still kept between its I and its W)"""
+        def chunk(stage: int, mb: int = 0) -> tuple[int, int, int]:
+            """(bytes one forward keeps, the part still kept between its I and its W, what its backward
+            holds beyond that while recomputing)"""
             ch = setup.chunk(stage, mb, b, seq, cfg)
             layers, last = layout.ranges[stage], stage == layout.n_stages - 1
-            saved = chunk_saved(m, num, ch, layers, stage == 0, last, fp8_linears, setup.ep, p.expert_align)
+            saved = chunk_saved(m, num, ch, layers, stage == 0, last, fp8_linears, setup.ep, p.expert_align,
+                                t.activation_checkpointing)
             top = layers[-1] if layers and layers[-1] >= m.n_dense_layers else None
             # the first stage's input needs no gradient: its I is empty and W runs the whole backward
             early = 0 if stage == 0 else saved.above_weights(f"layers.{top}" if top is not None else None, last)
-            return saved.total, saved.total - early
+            if t.activation_checkpointing != "none":   # the executor runs the whole backward at I (Stage.recomputes)
+                early = saved.total
+            return saved.total, saved.total - early, max(0, saved.backward_peak - saved.total)
         sizes = {s: chunk(s)[0] for s in stages}
         if sched is None:
-            act = sizes[0] * (2 if setup.overlap else 1)   # an F&B pair holds two micro-batches
+            one, _, extra = chunk(0)
+            act = one * (2 if setup.overlap else 1) + extra   # an F&B pair holds two micro-batches
             recv = 0
         else:
-            cache: dict[tuple[int, int], tuple[int, int]] = {}
+            cache: dict[tuple[int, int], tuple[int, int, int]] = {}
 
-            def of(stage: int, mb: int) -> tuple[int, int]:
+            def of(stage: int, mb: int) -> tuple[int, int, int]:
                 key = (stage, setup.segment_of(mb))
                 if key not in cache:
                     cache[key] = chunk(stage, mb)
+                    j, n, length = setup.segment_of(mb), setup.seq_chunks, seq // setup.seq_chunks
+                    if cache[key][2] and n > 1:
+                        # while segment j's backward recomputes, its own keys' and values' gradients
+                        # ((j+1)L, if a later segment left them) and the earlier segment's, which it
+                        # fills (jL), are alive: beyond the (N-1)L counted for every moment below
+                        more = max(0, ((j + 1) * length if j < n - 1 else 0) + j * length - (seq - length))
+                        cache[key] = (*cache[key][:2], cache[key][2] + pending_kv_grads(
+                            m, num, setup, layout, [stage], b, seq, more))
                 return cache[key]
-            peaks, peaks_w = peak_activations(sched, lambda s, mb: of(s, mb)[0], lambda s, mb: of(s, mb)[1])
+            peaks, peaks_w = peak_activations(sched, lambda s, mb: of(s, mb)[0], lambda s, mb: of(s, mb)[1],
+                                              lambda s, mb: of(s, mb)[2])
             act = int((peaks_w if setup.split_backward else peaks)[r])
             if setup.seq_chunks > 1:
                 act += pending_kv_grads(m, num, setup, layout, stages, b, seq)

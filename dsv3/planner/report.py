@@ -13,7 +13,7 @@ from dsv3.parallel.pipeline import Costs, build_schedule, simulate
 from dsv3.planner.comm import StepTraffic, step_traffic
 from dsv3.planner.flops import Flops, training_flops
 from dsv3.planner.memory import GIB, RankMemory, plan_memory
-from dsv3.planner.setup import PlanSetup, plan_setup
+from dsv3.planner.setup import SPLIT_SCHEDULES, PlanSetup, plan_setup
 from dsv3.planner.shapes import activated_params, model_shape
 
 SECONDS_PER_DAY = 86400.0
@@ -40,6 +40,8 @@ class PlanReport:
     fits: Optional[bool]
     verdict: str
     largest_micro_batch: Optional[int]
+    by_recompute: dict[str, int]          # train.activation_checkpointing -> the fullest rank's bytes
+    least_recompute_that_fits: Optional[str]
     flops: Flops
     traffic: StepTraffic
     bubble_fraction: Optional[float]
@@ -95,24 +97,47 @@ def make_report(cfg: Config, world_size: int, device: str, search_micro_batch: b
             "zero": setup.zero, "offload_optimizer": setup.offload, "precision": cfg.precision.dtype,
             "device": device, "micro_batch_size": cfg.train.micro_batch_size, "microbatches": setup.microbatches,
             "global_batch_size": cfg.train.global_batch_size, "seq_len": cfg.data.seq_len,
-            "moment_dtype": cfg.optim.moment_dtype}
+            "moment_dtype": cfg.optim.moment_dtype, "activation_checkpointing": cfg.train.activation_checkpointing}
     flops = training_flops(m, cfg.data.seq_len)
     ranks_per_node = hw.gpus_per_node if hw else world_size
     traffic = step_traffic(cfg, setup, ranks_per_node)
-    available = fits = largest = None
+    available = fits = largest = least = None
     verdict = "no hardware given (+hardware=...): memory only"
+    by_recompute = {mode: max(r.total for r in plan_memory(with_recompute(cfg, mode), setup))
+                    for mode in allowed_recompute(cfg)}
     if hw is not None:
         available = (hw.memory_gib - hw.reserved_gib) * GIB
         fits, verdict = _verdict(cfg, hw, memory, available, setup)
+        least = next((mode for mode in by_recompute if by_recompute[mode] <= available), None)
         if search_micro_batch:
             largest = largest_fitting_micro_batch(cfg, world_size, device, available)
     bubble = None
     if setup.pp > 1:
+        # a stage that recomputes runs its W with its I (executor `Stage.recomputes`)
+        w = 0.0 if setup.split_backward and cfg.train.activation_checkpointing != "none" else 1.0
         bubble = simulate(build_schedule(setup.schedule, setup.pp, setup.units, setup.seq_chunks),
-                          Costs(F=1.0, B=2.0, W=1.0)).bubble_fraction
+                          Costs(F=1.0, B=2.0, W=w)).bubble_fraction
     timing = _timing(cfg, hw, flops, traffic, setup) if hw is not None and hw.bf16_tflops > 0 else None
     return PlanReport(model, plan, dataclasses.asdict(hw) if hw else None, memory, available, fits, verdict,
-                      largest, flops, traffic, bubble, timing)
+                      largest, by_recompute, least, flops, traffic, bubble, timing)
+
+
+# train.activation_checkpointing from the least recomputed to the most (docs/memory.md: the fraction of
+# the activations each keeps, and the forward it runs again)
+RECOMPUTE_ORDER = ("none", "attention", "moe", "full")
+
+
+def allowed_recompute(cfg: Config) -> list[str]:
+    """The modes validation accepts for this plan (the F&B pairs of the expert all-to-all overlap cannot
+    recompute MoE layers: dsv3/parallel/config_rules.py)."""
+    from dsv3.parallel.plan import overlap_enabled_for
+
+    overlap = overlap_enabled_for(cfg.parallel)
+    return [mode for mode in RECOMPUTE_ORDER if not (overlap and mode in ("full", "moe"))]
+
+
+def with_recompute(cfg: Config, mode: str) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, activation_checkpointing=mode))
 
 
 def _verdict(cfg: Config, hw: HardwareConfig, memory: list[RankMemory], available: float,
@@ -127,11 +152,6 @@ def _verdict(cfg: Config, hw: HardwareConfig, memory: list[RankMemory], availabl
     if worst.host and hw.host_memory_gib and worst.host * hw.gpus_per_node > hw.host_memory_gib * GIB:
         return False, (f"the offloaded optimizer state needs {worst.host * hw.gpus_per_node / GIB:.0f} GiB of host "
                        f"memory per node, {hw.name} has {hw.host_memory_gib:.0f}")
-    recompute = cfg.train.activation_checkpointing
-    if recompute != "none":   # not in the activation model yet: it would count what the recomputed modules keep
-        return None, (f"not planned: train.activation_checkpointing={recompute} is not modeled yet, so the activations "
-                      f"above are those without it (an upper bound): {worst.total / GIB:.2f} GiB on the fullest "
-                      f"rank, {available / GIB:.2f} available; docs/memory.md has measured numbers")
     if worst.total <= available:
         return True, f"fits: {worst.total / GIB:.2f} of {available / GIB:.2f} GiB on the fullest rank"
     comps = sorted(worst.components().items(), key=lambda kv: -kv[1])
@@ -228,8 +248,14 @@ def format_table(r: PlanReport) -> str:
     lines.append("")
     lines.append(f"memory: {r.verdict}")
     if r.largest_micro_batch is not None or r.available_bytes is not None:
-        lines.append(f"largest micro-batch that fits{' without activation checkpointing' if r.fits is None else ''}: "
+        lines.append(f"largest micro-batch that fits (activation checkpointing {p['activation_checkpointing']}): "
                      f"{r.largest_micro_batch if r.largest_micro_batch else 'none'} (now {p['micro_batch_size']})")
+    modes = ", ".join(f"{mode} {v / GIB:.2f}" for mode, v in r.by_recompute.items())
+    least = ""
+    if r.available_bytes is not None:
+        least = (f"; the least recomputation that fits: {r.least_recompute_that_fits}" if r.least_recompute_that_fits
+                 else "; none of them fits")
+    lines.append(f"fullest rank by train.activation_checkpointing (GiB): {modes}{least}")
     f = r.flops
     lines.append(f"FLOPs per token (training, model): {f.total / 1e9:.3g} G = GEMMs {f.gemm / 1e9:.3g} G + attention "
                  f"at {p['seq_len']} tokens {f.attention / 1e9:.3g} G + MTP {f.mtp / 1e9:.3g} G")
@@ -239,7 +265,9 @@ def format_table(r: PlanReport) -> str:
                      f"GiB across nodes ({t.ep_rows_per_token:.2f} other ranks per token), PP sends "
                      f"{t.pp / GIB:.2f} GiB, DP reduction {t.dp / GIB:.2f} GiB")
     if r.bubble_fraction is not None:
-        lines.append(f"pipeline bubble (simulated, F:B:W = 1:2:1): {r.bubble_fraction:.1%} of the step")
+        w = "1:2:0, W with I under recomputation" if (p["schedule"] in SPLIT_SCHEDULES
+                                                      and p["activation_checkpointing"] != "none") else "1:2:1"
+        lines.append(f"pipeline bubble (simulated, F:B:W = {w}): {r.bubble_fraction:.1%} of the step")
     if r.timing:
         tm = r.timing
         lines.append(f"at MFU {tm.mfu:.0%} of {r.hardware['bf16_tflops']:.0f} TFLOP/s (BF16 peak): {tm.step_s:.2f} s "

@@ -39,6 +39,17 @@ class DynamicLossScaler:
             self.good_steps = 0
         return True
 
+    def record(self, finite: bool, losses_finite: bool) -> bool:
+        """One training step's outcome (`finite`: losses and gradient norm, agreed by every rank); True
+        when it is an overflow: finite losses, non-finite gradients, the scale above its floor, so the
+        scale's to fix and not divergence. A non-finite loss is not the scale's doing (the scale
+        multiplies the loss after the forward): it leaves the scaler alone, for `train.on_nonfinite`."""
+        if not losses_finite:
+            return False
+        overflow = not finite and not self.at_floor
+        self.update(finite)
+        return overflow
+
     @property
     def at_floor(self) -> bool:
         """The scale cannot shrink further: overflows now are not the scale's fault (divergence)."""

@@ -14,13 +14,15 @@ change, so checkpoints, pipeline cuts and expert slices see the same model.
 The recomputation is numerically the forward again (same inputs, same kernels): losses and gradients
 are bit-identical to no checkpointing. What a forward records must not be recorded twice: the expert
 counts and balance losses it writes into the step's `StepAux` (the aux-loss-free bias update and the
-log read them), so a recomputed module writes into a throwaway copy (`StepAux.fresh()`).
+log read them), so a recomputed module writes into a throwaway copy (`StepAux.fresh()`) that keeps the
+forward's inputs, forced routing included.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -37,21 +39,26 @@ MODES = {"none": (), "full": (Block,), "moe": (MoE,), "attention": (MLA,)}
 _state = threading.local()
 
 
-@contextmanager
-def _recomputing():
-    _state.active = True
-    try:
-        yield
-    finally:
+class _Recomputing:
+    """Marks this thread as recomputing. Re-enterable: a backward split into I and W (zero-bubble
+    schedules, DualPipe) recomputes a module once per autograd call with the same context object,
+    which a generator-based context manager cannot be entered twice for."""
+
+    def __enter__(self):
+        _state.active = True
+
+    def __exit__(self, *exc):
         _state.active = False
 
 
 def _contexts():
-    return nullcontext(), _recomputing()
+    return nullcontext(), _Recomputing()
 
 
 def _throwaway(x):
-    return x.fresh() if isinstance(x, StepAux) else x
+    # Records nothing twice, but routes as the first forward did: forced routing (RL's router replay)
+    # is an input of this forward, and a recomputation that routed otherwise would compute other gradients.
+    return dataclasses.replace(x.fresh(), forced_experts=x.forced_experts) if isinstance(x, StepAux) else x
 
 
 def _checkpointed(forward, *args, **kwargs):
@@ -80,3 +87,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> int:
             module.forward = functools.partial(_checkpointed, module.forward)
             wrapped += 1
     return wrapped
+
+
+def recomputes(module: nn.Module) -> bool:
+    """Whether `module` holds a module `apply_activation_checkpointing` wrapped."""
+    return any(isinstance(m.__dict__.get("forward"), functools.partial) and m.forward.func is _checkpointed
+               for m in module.modules())

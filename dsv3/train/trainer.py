@@ -200,11 +200,8 @@ class Trainer:
         # the global batch's means, and whether every rank's losses and gradient norm are finite
         sums, finite = agree_on_step(sums, grad_norm, self.plan.global_loss_parts)
         overflow = False
-        if self.scaler is not None:
-            # Finite losses with non-finite gradients: fp16 overflowed under this scale. The step is skipped
-            # and the scale backs off; it is not divergence unless the scale is already at its floor.
-            overflow = not finite and bool(torch.isfinite(sums).all()) and not self.scaler.at_floor
-            self.scaler.update(finite)
+        if self.scaler is not None:  # an fp16 overflow is skipped and backs the scale off
+            overflow = self.scaler.record(finite, losses_finite=bool(torch.isfinite(sums).all()))
         lr = schedules.learning_rate(st.step, cfg.optim)
         if finite:
             self.plan.optimizer_step(lr)

@@ -13,8 +13,9 @@ pp=2 x dp=2 with the dp ranks of each stage forming an EP group of 2, for every 
 - precision=fp8 under pp=2 x ep=2 stays in the FP8 band (2e-3, tests/fp8/test_expert_parallel_fp8.py
   says why) of the fp8 single process.
 
-Shared setup (about 3 minutes on 2 cores): the cached shards of the embedded corpus (`data=shards`),
-one single-process reference per precision, one run per case reused by the resume tests.
+Shared setup (about 3 minutes on 2 cores; tests/parallel/conftest.py): the cached shards of the embedded
+corpus, one single-process reference per precision (shared with the ZeRO tests), one run per case reused
+by the resume tests.
 """
 import os
 import re
@@ -24,17 +25,12 @@ import time
 import pytest
 
 from dsv3.train.checkpoint import latest_checkpoint, step_dir
-from tests.helpers import (ROOT, assert_same_losses, kill_hard, read_metrics, run_pretrain, run_torchrun,
-                           torchrun_cmd)
+from tests.helpers import (ROOT, assert_same_losses, checked, kill_hard, read_metrics, run_pretrain,
+                           run_torchrun, torchrun_cmd)
+from tests.parallel.plan_testing import PLAN_KEYS, plan_args
 
 STEPS = 4
-# 4 layers: dualpipev at pp=2 gets a layer per stage (4 stages); micro-batches of one sample give
-# m = 4 per dp rank (dualpipe needs an even m >= 4). bias_update_speed large enough that the router
-# bias updates (counts summed over every rank of a layer) move the losses.
-ARGS = ["+experiment=moe_tiny", "model.n_layers=4", "data.seq_len=32", f"train.max_steps={STEPS}",
-        "train.global_batch_size=8", "train.micro_batch_size=1", "train.val_samples=4",
-        "train.bias_update_speed=0.01", "checkpoint.every=2", "checkpoint.keep=0"]
-KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "max_vio")
+KEYS = PLAN_KEYS
 RTOL = 1e-5
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 
@@ -43,33 +39,19 @@ def composed(schedule: str) -> list[str]:
     return ["parallel.pp=2", "parallel.ep=2", f"parallel.pp_schedule={schedule}"]
 
 
-def checked(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
 @pytest.fixture(scope="module")
 def args() -> list[str]:
-    from dsv3.config.schema import DataConfig
-    from dsv3.data.embedded import stdlib_shards
-
-    return ARGS + ["data=shards", f"data.path={stdlib_shards(DataConfig(), 512)}"]
+    return plan_args(STEPS)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, args):
-    """run(name, nproc, *overrides) once per module; returns its run directory."""
-    done: dict[str, str] = {}
-
+def runs(plan_runs):
+    """run(name, nproc, *overrides) -> its run directory (the session's run of those overrides)."""
     def run(name: str, nproc: int, *overrides: str) -> str:
-        if name not in done:
-            run_dir = str(tmp_path_factory.mktemp(name))
-            launch = run_pretrain if nproc == 1 else lambda d, *a, **k: run_torchrun(nproc, d, *a, **k)
-            r = checked(launch(run_dir, *args, *overrides, "train.resume=none", timeout=300))
-            if "parallel.ep=2" in overrides and "parallel.pp=2" in overrides:
-                assert "pp=2" in r.stdout and "x ep=2" in r.stdout, r.stdout[-2000:]
-            done[name] = run_dir
-        return done[name]
+        run_dir, out = plan_runs(STEPS, nproc, *overrides)
+        if "parallel.ep=2" in overrides and "parallel.pp=2" in overrides:
+            assert "pp=2" in out and "x ep=2" in out, out[-2000:]
+        return run_dir
 
     return run
 

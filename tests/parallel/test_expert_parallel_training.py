@@ -14,7 +14,7 @@ import time
 import pytest
 
 from dsv3.train.checkpoint import latest_checkpoint, step_dir
-from tests.helpers import (ROOT, assert_same_expert_loads, assert_same_losses, kill_hard, read_metrics,
+from tests.helpers import (ROOT, assert_same_expert_loads, assert_same_losses, checked, kill_hard, read_metrics,
                            run_pretrain, run_torchrun, torchrun_cmd)
 
 STEPS = 6
@@ -24,11 +24,6 @@ ARGS = ["+experiment=moe_tiny", f"train.max_steps={STEPS}", "train.global_batch_
 # grad_norm: AdamW is nearly invariant to a gradient's scale, so a wrongly scaled expert gradient barely
 # moves the losses; the global gradient norm shows it at once.
 KEYS = ("loss", "mtp_loss", "max_vio", "grad_norm")
-
-
-def checked(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
 
 
 @pytest.fixture(scope="module")

@@ -12,26 +12,21 @@ stage, the embedding's gradient from the first and the last stage, per-stage par
 copy not summed, a missing 1/m) shows in grad_norm at once; a wrong router count in max_vio; a wrong
 stage cut or dropped micro-batch in the losses at 1e-3.
 
-Shared setup, to keep the file at ~2 minutes on 2 cores: the embedded corpus' cached shards are
-passed as `data=shards` (its discovery walks the standard library, ~4 s per process), and one
-module-scoped single-process run is the reference of every case.
+Shared setup, to keep the file at ~2 minutes on 2 cores (tests/parallel/conftest.py): the embedded
+corpus' cached shards are passed as `data=shards` (its discovery walks the standard library, ~4 s per
+process), and one single-process run is the reference of every case.
 """
 import os
-import subprocess
 
 import pytest
 
 from dsv3.train.checkpoint import step_dir
-from tests.helpers import assert_same_expert_loads, assert_same_losses, read_metrics, run_pretrain, run_torchrun
+from tests.helpers import (assert_same_expert_loads, assert_same_losses, checked, read_metrics, run_pretrain,
+                           run_torchrun)
+from tests.parallel.plan_testing import PLAN_KEYS, plan_args
 
 STEPS = 3
-# 4 layers: pp=4 and dualpipev at pp=2 (4 stages) get a layer per stage; micro-batches of one sample
-# give m = 8 per step (dualpipe at pp=4 needs >= 8), the same split as the single-process reference.
-# bias_update_speed large enough that router bias updates (counts summed over stages' copies) move the losses.
-ARGS = ["+experiment=moe_tiny", "model.n_layers=4", "data.seq_len=32", f"train.max_steps={STEPS}",
-        "train.global_batch_size=8", "train.micro_batch_size=1", "train.val_samples=4",
-        "train.bias_update_speed=0.01", "checkpoint.every=2", "checkpoint.keep=0"]
-KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "max_vio")
+KEYS = PLAN_KEYS
 RTOL = 1e-6
 
 CASES = {  # name: (processes, overrides)
@@ -44,38 +39,22 @@ CASES = {  # name: (processes, overrides)
 }
 
 
-def checked(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
 @pytest.fixture(scope="module")
 def args() -> list[str]:
-    from dsv3.config.schema import DataConfig
-    from dsv3.data.embedded import stdlib_shards
-
-    return ARGS + ["data=shards", f"data.path={stdlib_shards(DataConfig(), 512)}"]
+    return plan_args(STEPS)
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, args) -> str:
-    run_dir = str(tmp_path_factory.mktemp("single"))
-    checked(run_pretrain(run_dir, *args, "train.resume=none", timeout=300))
-    return run_dir
+def single(plan_runs) -> str:
+    return plan_runs(STEPS, 1)[0]
 
 
 @pytest.fixture(scope="module")
-def pipelined(tmp_path_factory, args):
-    """Runs a case once per module (the reshard and resume tests reuse their checkpoints)."""
-    done: dict[str, str] = {}
-
+def pipelined(plan_runs):
+    """Runs a case once (the reshard and resume tests reuse their checkpoints)."""
     def run(name: str) -> str:
-        if name not in done:
-            nproc, overrides = CASES[name]
-            run_dir = str(tmp_path_factory.mktemp(name))
-            checked(run_torchrun(nproc, run_dir, *args, *overrides, "train.resume=none", timeout=300))
-            done[name] = run_dir
-        return done[name]
+        nproc, overrides = CASES[name]
+        return plan_runs(STEPS, nproc, *overrides)[0]
 
     return run
 

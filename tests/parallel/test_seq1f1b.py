@@ -12,12 +12,13 @@ import torch
 
 from dsv3.config.schema import ModelConfig
 from dsv3.model import Transformer, init_weights
-from dsv3.model.step_aux import StepAux
+from dsv3.model.step_aux import SequenceParts, StepAux
 from dsv3.model.transformer import IGNORE
 from dsv3.parallel.model_stages import StageLayout, StepContext, cut_model
 from dsv3.parallel.pipeline import PipelineExecutor, build_schedule, check_blocking_comms, simulate, Costs
 from dsv3.parallel.pipeline.simulator import peak_activations
 from dsv3.parallel.seq1f1b import SegmentKV
+from dsv3.train.recompute import apply_activation_checkpointing
 
 LAMBDA = 0.3
 
@@ -46,9 +47,15 @@ def _model(cfg: ModelConfig) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize("mtp_depth,q_lora_rank,normalizer", [(1, 32, None), (2, 0, None), (1, 32, 37.0)])
-def test_segments_compute_the_unsegmented_losses_and_gradients(mtp_depth, q_lora_rank, normalizer):
-    """normalizer: SFT's loss (CE summed over the counted labels, some labels not counted, / a number)."""
+@pytest.mark.parametrize("mtp_depth,q_lora_rank,normalizer,recompute,alpha", [
+    (1, 32, None, "none", 0.0), (2, 0, None, "none", 0.0), (1, 32, 37.0, "none", 0.0),
+    (2, 32, None, "full", 0.0), (1, 0, None, "attention", 0.0),
+    (2, 32, None, "none", 0.1), (1, 32, None, "moe", 0.1)])
+def test_segments_compute_the_unsegmented_losses_and_gradients(mtp_depth, q_lora_rank, normalizer, recompute, alpha):
+    """normalizer: SFT's loss (CE summed over the counted labels, some labels not counted, / a number).
+    recompute: activation checkpointing, whose recomputed attention must read its segment's prefix again.
+    alpha: the sequence-wise balance loss, whose f the segments take over the whole sequence (a large
+    alpha, so that its gradient weighs in the comparison)."""
     cfg = ModelConfig(n_layers=3, n_dense_layers=1, mtp_depth=mtp_depth, q_lora_rank=q_lora_rank)
     torch.manual_seed(0)
     sequences, b, seq, n = 2, 2, 24, 4
@@ -58,12 +65,17 @@ def test_segments_compute_the_unsegmented_losses_and_gradients(mtp_depth, q_lora
         labels[torch.rand(labels.shape) < 0.3] = IGNORE
 
     whole = _model(cfg)
+    balance = []
     for i in range(sequences):
-        parts = whole.losses(tokens[i], labels[i], aux=StepAux(loss_normalizer=normalizer))
+        aux = StepAux(balance_coeff=alpha / sequences, loss_normalizer=normalizer)
+        parts = whole.losses(tokens[i], labels[i], aux=aux)
         ((parts.main + LAMBDA * torch.stack(parts.mtp).mean()) / sequences).backward()
+        balance.append(aux.balance_sum(torch.device("cpu")))
     reference = {k: p.grad for k, p in whole.named_parameters() if p.grad is not None}
 
-    model, ctx = _model(copy.deepcopy(cfg)), StepContext(mtp_weight=LAMBDA, aux=StepAux(loss_normalizer=normalizer))
+    aux = StepAux(balance_coeff=alpha / sequences, loss_normalizer=normalizer, parts=SequenceParts())
+    model, ctx = _model(copy.deepcopy(cfg)), StepContext(mtp_weight=LAMBDA, aux=aux)
+    apply_activation_checkpointing(model, recompute)
     (stage,) = cut_model(model, StageLayout("seq1f1b", 1, cfg.n_layers, cfg.mtp_depth), 0, ctx)
     stage.carry = SegmentKV([stage.module, stage.loss_fn], ctx, n, seq // n)
     sched = build_schedule("seq1f1b", 1, sequences * n, n)
@@ -82,6 +94,9 @@ def test_segments_compute_the_unsegmented_losses_and_gradients(mtp_depth, q_lora
             parts = whole.losses(tokens[i], labels[i], aux=StepAux(loss_normalizer=normalizer))
             torch.testing.assert_close(main[i], parts.main, rtol=1e-5, atol=0)
             torch.testing.assert_close(mtp[i], torch.stack(parts.mtp).mean(), rtol=1e-5, atol=0)
+    if alpha:   # the logged balance losses: the whole sequences' (summed over the MoE layers and sequences)
+        torch.testing.assert_close(aux.parts.balance(torch.device("cpu")), torch.stack(balance).sum(),
+                                   rtol=1e-5, atol=0)
     got = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(reference)
     for k in reference:

@@ -21,44 +21,18 @@ import os
 import pytest
 
 from dsv3.train.checkpoint import step_dir
-from tests.helpers import assert_same_losses, read_metrics, run_pretrain, run_torchrun
+from tests.helpers import assert_same_losses, read_metrics
+from tests.parallel.plan_testing import PLAN_KEYS
 
 STEPS = 4
-ARGS = ["+experiment=moe_tiny", "model.n_layers=4", "data.seq_len=32", f"train.max_steps={STEPS}",
-        "train.global_batch_size=8", "train.micro_batch_size=1", "train.val_samples=4",
-        "train.bias_update_speed=0.01", "checkpoint.every=2", "checkpoint.keep=0"]
-KEYS = ("loss", "mtp_loss", "balance_loss", "grad_norm", "max_vio")
+KEYS = PLAN_KEYS
 RTOL = 1e-5
 
 
-def checked(r):
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
 @pytest.fixture(scope="module")
-def args() -> list[str]:
-    from dsv3.config.schema import DataConfig
-    from dsv3.data.embedded import stdlib_shards
-
-    return ARGS + ["data=shards", f"data.path={stdlib_shards(DataConfig(), 512)}"]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, args):
-    """run(name, nproc, *overrides) once per module; returns (run directory, stdout)."""
-    done: dict[str, tuple[str, str]] = {}
-
-    def run(name: str, nproc: int, *overrides: str) -> tuple[str, str]:
-        if name not in done:
-            run_dir = str(tmp_path_factory.mktemp(name))
-            launch = run_pretrain if nproc == 1 else lambda d, *a, **k: run_torchrun(nproc, d, *a, **k)
-            extra = () if any(o.startswith("train.resume=") for o in overrides) else ("train.resume=none",)
-            r = checked(launch(run_dir, *args, *overrides, *extra, timeout=600))
-            done[name] = run_dir, r.stdout
-        return done[name]
-
-    return run
+def runs(plan_runs):
+    """run(name, nproc, *overrides) -> (run directory, stdout): the session's run of those overrides."""
+    return lambda name, nproc, *overrides: plan_runs(STEPS, nproc, *overrides)
 
 
 def assert_close(reference: list[dict], other: list[dict], rtol: float = RTOL) -> None:

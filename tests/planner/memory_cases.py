@@ -43,6 +43,7 @@ def measure_step(cfg, env: Env) -> dict[str, int]:
     for stage in getattr(plan.runner, "stages", {}).values():
         if stage.carry is not None:      # Seq1F1B: key/value gradients waiting for their segment's backward
             peak.add_source(stage.carry.pending_grad_bytes)
+            peak.add_source(lambda carry=stage.carry: peak.uncounted(carry.carried()))
             grads = stage.carry.grads   # ... the most of them just before a backward takes its share
 
             def sampled(mb, grads=grads):

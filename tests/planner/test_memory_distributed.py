@@ -2,7 +2,7 @@
 hold different things: pipelines (1F1B: micro-batches in flight on rank 0; ZB1P: graphs kept until W;
 DualPipe: two stages per rank and pairs; Seq1F1B: segments, the earlier segments' keys and values)
 and expert parallelism (each rank half the experts, the rows
-it receives). One spawn runs every plan. EP measures with the F&B overlap off: the measurement's pack
+it receives); and activation checkpointing under 1F1B, ZB1P, DualPipe and Seq1F1B. One spawn runs every plan. EP measures with the F&B overlap off: the measurement's pack
 hook sees only the thread that saves (the overlap runs its halves in threads; memory is the same)."""
 import torch
 
@@ -20,6 +20,16 @@ PLANS = {
                     "train.micro_batch_size=1"],
     "ep2 (dp2)": ["parallel=ep2", "parallel.ep_transport=all_to_all", "parallel.overlap=false",
                   "train.micro_batch_size=2"],
+    # activation checkpointing under pipelines: one mode per schedule kind (whole B; I with W, which a
+    # recomputing stage runs together; segments whose recomputed attention reads the earlier ones)
+    "pp2 1f1b, full blocks recomputed": ["parallel=pp2", "train.micro_batch_size=1",
+                                         "train.activation_checkpointing=full"],
+    "pp2 zb1p, MoE layers recomputed": ["parallel=pp2", "parallel.pp_schedule=zb1p", "train.micro_batch_size=1",
+                                        "train.activation_checkpointing=moe"],
+    "pp2 dualpipe, attention recomputed": ["parallel=pp2_dualpipe", "train.micro_batch_size=2",
+                                           "train.activation_checkpointing=attention"],
+    "pp2 seq1f1b, attention recomputed": ["parallel=pp2", "parallel.pp_schedule=seq1f1b", "parallel.seq_chunks=4",
+                                          "train.micro_batch_size=1", "train.activation_checkpointing=attention"],
 }
 
 

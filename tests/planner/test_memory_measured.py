@@ -1,7 +1,8 @@
 """The planner's bytes per component against the tensors one real training step holds, in one process:
 several precisions (fp32; BF16 autocast, whose linears keep BF16 copies of inputs and weights; the FP8
 recipe's E4M3 caches), model shapes (no query compression, no MTP, two MTP modules, softmax routing) and
-optimizer settings (BF16 moments). The issue's bound is 10% per component; the activation model is
+optimizer settings (BF16 moments), and each activation checkpointing mode (what the checkpointed modules
+keep, and the peak of recomputing one in the backward). The issue's bound is 10% per component; the activation model is
 written from the code path by path, so it comes out exact here, and the bound catches drift."""
 import pytest
 import torch
@@ -19,6 +20,11 @@ PLANS = {
                                                           "model.n_limited_groups=1"],
     "no MTP, no balance loss, longer sequences": ["model.mtp_depth=0", "train.balance_loss_alpha=0",
                                                   "data.seq_len=96", "train.micro_batch_size=2"],
+    # activation checkpointing: the checkpointed modules' inputs, and their recomputation in the backward
+    "fp32, full blocks recomputed": ["train.activation_checkpointing=full"],
+    "bf16 autocast, MoE layers recomputed": ["precision=bf16", "train.activation_checkpointing=moe"],
+    "fp8 recipe, attention recomputed, 2 MTP modules": ["precision=fp8", "model.mtp_depth=2",
+                                                        "train.activation_checkpointing=attention"],
 }
 
 

@@ -21,7 +21,10 @@ def test_table_and_json_agree():
     assert out["fits"] is True and out["plan"]["world"] == 1 and out["hardware"]["name"] == "h100_80gb"
     worst = max(r["total"] for r in out["memory"])
     assert f"fits: {worst / 2 ** 30:.2f} of" in table.stdout
-    assert f"largest micro-batch that fits: {out['largest_micro_batch']}" in table.stdout
+    assert f"largest micro-batch that fits (activation checkpointing none): {out['largest_micro_batch']}" in table.stdout
+    # what each recomputation mode would leave on the fullest rank: none is the plan itself
+    assert out["by_recompute"]["none"] == worst and out["by_recompute"]["full"] < worst
+    assert out["least_recompute_that_fits"] == "none" and "the least recomputation that fits: none" in table.stdout
     assert f"{out['timing']['gpu_hours_per_trillion_tokens'] / 1e3:.1f}K GPU-hours per trillion tokens" in table.stdout
 
 

@@ -84,11 +84,16 @@ def test_sampler_and_trainer_agree_under_replay_when_routing_flips():
     assert drift[real].float().mean() > 0.2 and not drift[~real].any()
 
 
-def test_router_gets_the_gradient_under_replay():
+@pytest.mark.parametrize("recompute", ["none", "moe"])
+def test_router_gets_the_gradient_under_replay(recompute):
     """Replaying routing R is the model whose router picks R by itself: the same loss and the same
-    gradients, the router's included (its weights reach the loss through the gating weights)."""
+    gradients, the router's included (its weights reach the loss through the gating weights). Also
+    when the MoE layers are recomputed in the backward: the recomputation replays R too."""
+    from dsv3.train.recompute import apply_activation_checkpointing
+
     tokens = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
     replayed, natural = tiny_model(), tiny_model()
+    apply_activation_checkpointing(replayed, recompute)
     shift_biases(natural)
     with torch.no_grad():
         routing = recorded(natural, tokens[:, :-1])    # what the shifted router picks

@@ -29,6 +29,20 @@ def test_the_scale_stops_at_its_floor_and_says_so():
     assert s.scale == 1.0 and s.at_floor and s.skipped_steps == 5
 
 
+def test_a_non_finite_loss_is_not_an_overflow_and_leaves_the_scale_alone():
+    """The scale multiplies the loss after the forward: a NaN loss is divergence (train.on_nonfinite
+    handles it), not something a smaller scale fixes; finite losses with non-finite gradients are."""
+    s = DynamicLossScaler(scale=64.0, growth_interval=2)
+    assert not s.record(finite=False, losses_finite=False)
+    assert (s.scale, s.good_steps, s.skipped_steps) == (64.0, 0, 0)
+    assert s.record(finite=False, losses_finite=True)
+    assert (s.scale, s.skipped_steps) == (32.0, 1)
+    assert not s.record(finite=True, losses_finite=True) and s.good_steps == 1
+    floor = DynamicLossScaler(scale=1.0, min_scale=1.0)
+    assert not floor.record(finite=False, losses_finite=True)  # at the floor: divergence, not the scale's
+    assert floor.skipped_steps == 1
+
+
 def test_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     s = DynamicLossScaler(scale=2.0 ** 20, growth_interval=7)
     for finite in (True, False, True, True):

@@ -171,7 +171,8 @@ def _inputs_ready(sched, ins, rank, arrival, costs, last) -> float | None:
 
 
 def peak_activations(sched: Schedule, weight: Callable[[int, int], float] | None = None,
-                     kept_after_i: Callable[[int, int], float] | None = None) -> tuple[list[float], list[float]]:
+                     kept_after_i: Callable[[int, int], float] | None = None,
+                     backward_extra: Callable[[int, int], float] | None = None) -> tuple[list[float], list[float]]:
     """Peak number of chunks per rank whose forward activations are alive, counted in program
     order: a chunk becomes alive when its forward starts and dies when its backward for inputs
     (B or I) ends; `until_w` keeps it alive until its W (the weight gradient still needs the saved
@@ -180,10 +181,13 @@ def peak_activations(sched: Schedule, weight: Callable[[int, int], float] | None
 
     `weight(stage, mb)`: what one chunk holds (e.g. its bytes, which differ between stages and,
     for Seq1F1B's segments, between micro-batches); the default counts chunks. `kept_after_i`: the
-    part of it still held between its I and its W (default: all of it).
+    part of it still held between its I and its W (default: all of it). `backward_extra`: what a
+    chunk's backward (B or I) holds beyond the chunk while it runs (activation checkpointing's
+    recomputation; default none), on top of everything alive when it starts.
     """
     weight = weight or (lambda stage, mb: 1)
     kept = kept_after_i or weight
+    extra = backward_extra or (lambda stage, mb: 0)
     peaks, peaks_w = [], []
     for r in range(sched.pp):
         alive = alive_w = peak = peak_w = 0
@@ -191,7 +195,8 @@ def peak_activations(sched: Schedule, weight: Callable[[int, int], float] | None
             parts = ins.parts()
             born = sum(weight(p.stage, p.mb) for p in parts if p.op is Op.F)
             alive, alive_w = alive + born, alive_w + born
-            peak, peak_w = max(peak, alive), max(peak_w, alive_w)
+            bump = max((extra(p.stage, p.mb) for p in parts if p.op in (Op.B, Op.I)), default=0)
+            peak, peak_w = max(peak, alive + bump), max(peak_w, alive_w + bump)
             for p in parts:
                 if p.op in (Op.B, Op.I):
                     alive -= weight(p.stage, p.mb)
