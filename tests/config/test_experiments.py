@@ -28,6 +28,9 @@ def test_experiment_validates(name, tmp_path):
         cfg.data.path = str(tmp_path)
     if cfg.checkpoint.init_from is not None:   # a later phase: the previous phase's weights are not here
         cfg.checkpoint.init_from = None
+    if cfg.sft.source == "jsonl":  # distillation: the traces a rejection-sampling run writes
+        (tmp_path / "traces.jsonl").write_text('{"prompt": "What is 1 + 1?", "completion": " 2"}\n')
+        cfg.sft.path = str(tmp_path / "traces.jsonl")
     hw = cfg.hardware
     validate(cfg, world_size=hw.nodes * hw.gpus_per_node if hw.name else WORLD_SIZE.get(name, 1))
     assert cfg.run_name == name
