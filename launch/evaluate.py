@@ -34,19 +34,15 @@ def main(dcfg: DictConfig) -> None:
 
     import logging
 
-    import torch.distributed as dist
-
-    from dsv3.parallel.mesh import init_env
+    from dsv3.parallel.mesh import process_env
     from dsv3.rl.evaluate import evaluate_checkpoint
 
-    env = init_env(cfg.train.device)
-    result = evaluate_checkpoint(cfg, tokenizer, env.device)
+    with process_env(cfg.train.device) as env:
+        result = evaluate_checkpoint(cfg, tokenizer, env.device)
     if env.is_main:
         with open(os.path.join(run_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=1)
         logging.getLogger("dsv3").info("evaluation: %s", json.dumps(result))
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

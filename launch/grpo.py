@@ -59,17 +59,11 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     tokenizer, run_dir = start_from_checkpoint(cfg, prepare)
 
-    from dsv3.parallel.mesh import init_env
+    from dsv3.parallel.mesh import process_env
     from dsv3.rl.grpo import GRPOTrainer
 
-    env = init_env(cfg.train.device)
-    try:
+    with process_env(cfg.train.device) as env:
         GRPOTrainer(cfg, run_dir, env, tokenizer).run()
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

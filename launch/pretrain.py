@@ -41,23 +41,18 @@ def main(dcfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     setup_logging(run_dir)
 
-    from dsv3.parallel.mesh import init_env
+    from dsv3.parallel.mesh import process_env
     from dsv3.train.checkpoint import CheckpointError
     from dsv3.train.trainer import train
 
-    env = init_env(cfg.train.device)
-    try:
-        train(cfg, run_dir, env)
-    except (ConfigError, CheckpointError) as e:  # what only the run's files can tell, before any step
-        exit_on_config_error(e)
-    except KeyboardInterrupt:  # a second Ctrl-C, or Ctrl-C with checkpoint.on_signal=false
-        logging.getLogger("dsv3").warning("interrupted: the step in progress is abandoned, nothing saved")
-        sys.exit(exit_codes.signalled(signal.SIGINT))
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    with process_env(cfg.train.device) as env:
+        try:
+            train(cfg, run_dir, env)
+        except (ConfigError, CheckpointError) as e:  # what only the run's files can tell, before any step
+            exit_on_config_error(e)
+        except KeyboardInterrupt:  # a second Ctrl-C, or Ctrl-C with checkpoint.on_signal=false
+            logging.getLogger("dsv3").warning("interrupted: the step in progress is abandoned, nothing saved")
+            sys.exit(exit_codes.signalled(signal.SIGINT))
 
 
 if __name__ == "__main__":

@@ -49,48 +49,45 @@ def main(dcfg: DictConfig) -> None:
     import logging
 
     import torch
-    import torch.distributed as dist
 
     from dsv3.generate import Generator, SamplingParams
     from dsv3.generate.data_parallel import generate_data_parallel
-    from dsv3.parallel.mesh import init_env
+    from dsv3.parallel.mesh import process_env
     from dsv3.rl.rejection import as_json, gold_trace, select
     from dsv3.rl.tasks import mixture
     from dsv3.rl.template import r1_prompt
     from dsv3.train.trainer import build_model
     from dsv3.train.weights import load_initial_weights
 
-    env = init_env(cfg.train.device)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    r, t = cfg.rejection, cfg.tasks
-    r.output = r.output or os.path.join(run_dir, "traces.jsonl")
-    model = build_model(cfg, env.device)
-    load_initial_weights(cfg.checkpoint.init_from, model, cfg.model)
-    problems = mixture(t.families, t.difficulties, "train", r.problems, t.seed, t.held_out_fraction)
-    system_prompt = trained_system_prompt(cfg.checkpoint.init_from)
-    params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                            num_samples=r.num_samples, seed=cfg.train.seed)
-    result = generate_data_parallel(Generator(model, tokenizer), [r1_prompt(p.question, system_prompt)
-                                                                  for p in problems], params)
-    if env.is_main:
-        counts: dict = {}
-        kept = []
-        for i, p in enumerate(problems):
-            kept += select(p, result.completions[i * r.num_samples:(i + 1) * r.num_samples], r, counts)
-        os.makedirs(os.path.dirname(os.path.abspath(r.output)), exist_ok=True)
-        with open(r.output, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(as_json(k)) + "\n" for k in kept)
-        gold = os.path.splitext(r.output)[0] + ".gold.jsonl"
-        with open(gold, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(as_json(gold_trace(p))) + "\n" for p in problems)
-        summary = {"problems": len(problems), "samples": len(result.completions), "kept": len(kept),
-                   "problems_with_a_kept_sample": len({k.prompt for k in kept}), "dropped": counts,
-                   "sampling_tokens_per_s": round(result.stats["completion_tokens"] / result.stats["seconds"], 1),
-                   "output": r.output, "gold": gold}
-        logging.getLogger("dsv3").info("rejection sampling: %s", json.dumps(summary))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    with process_env(cfg.train.device) as env:
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        r, t = cfg.rejection, cfg.tasks
+        r.output = r.output or os.path.join(run_dir, "traces.jsonl")
+        model = build_model(cfg, env.device)
+        load_initial_weights(cfg.checkpoint.init_from, model, cfg.model)
+        problems = mixture(t.families, t.difficulties, "train", r.problems, t.seed, t.held_out_fraction)
+        system_prompt = trained_system_prompt(cfg.checkpoint.init_from)
+        params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                num_samples=r.num_samples, seed=cfg.train.seed)
+        result = generate_data_parallel(Generator(model, tokenizer), [r1_prompt(p.question, system_prompt)
+                                                                      for p in problems], params)
+        if env.is_main:
+            counts: dict = {}
+            kept = []
+            for i, p in enumerate(problems):
+                kept += select(p, result.completions[i * r.num_samples:(i + 1) * r.num_samples], r, counts)
+            os.makedirs(os.path.dirname(os.path.abspath(r.output)), exist_ok=True)
+            with open(r.output, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(as_json(k)) + "\n" for k in kept)
+            gold = os.path.splitext(r.output)[0] + ".gold.jsonl"
+            with open(gold, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(as_json(gold_trace(p))) + "\n" for p in problems)
+            summary = {"problems": len(problems), "samples": len(result.completions), "kept": len(kept),
+                       "problems_with_a_kept_sample": len({k.prompt for k in kept}), "dropped": counts,
+                       "sampling_tokens_per_s": round(result.stats["completion_tokens"] / result.stats["seconds"], 1),
+                       "output": r.output, "gold": gold}
+            logging.getLogger("dsv3").info("rejection sampling: %s", json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -40,20 +40,14 @@ def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
     tokenizer, run_dir = start_from_checkpoint(cfg, prepare)
 
-    from dsv3.parallel.mesh import init_env
+    from dsv3.parallel.mesh import process_env
     from dsv3.rl.sft import SFTTrainer
 
-    env = init_env(cfg.train.device)
-    if env.is_main:
-        os.makedirs(cfg.checkpoint.dir, exist_ok=True)
-        tokenizer.save(os.path.join(cfg.checkpoint.dir, "tokenizer.json"))
-    try:
+    with process_env(cfg.train.device) as env:
+        if env.is_main:
+            os.makedirs(cfg.checkpoint.dir, exist_ok=True)
+            tokenizer.save(os.path.join(cfg.checkpoint.dir, "tokenizer.json"))
         SFTTrainer(cfg, run_dir, env, tokenizer).run()
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

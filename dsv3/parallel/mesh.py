@@ -1,6 +1,7 @@
 """The processes of a run: rank, world size, device, and the process groups of each parallel dimension."""
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,6 +42,17 @@ def init_env(device: str = "auto", timeout_s: int = 600) -> Env:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return Env(rank, world, local_rank, dev)
+
+
+@contextmanager
+def process_env(device: str = "auto"):
+    """`init_env` for an entry point's whole run: the process group is left when the run ends, however
+    it ends (torchrun's peers are not left waiting on a rank that exited without saying so)."""
+    try:
+        yield init_env(device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_reduce_mean(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
