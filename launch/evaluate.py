@@ -28,9 +28,9 @@ register()
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(dcfg: DictConfig) -> None:
     cfg = to_config(dcfg)
-    from dsv3.rl.start import prepare_from_checkpoint
+    from dsv3.rl.evaluate import prepare_evaluation
 
-    tokenizer, run_dir = start_from_checkpoint(cfg, prepare_from_checkpoint)
+    tokenizer, run_dir = start_from_checkpoint(cfg, prepare_evaluation)
 
     import logging
 

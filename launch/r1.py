@@ -141,24 +141,45 @@ def _run_subprocess(step: dict) -> None:
         sys.exit(rc)
 
 
-def _evaluate(step: dict) -> None:
-    """launch/evaluate.py's work on the composed config of this step, in this process."""
+def _eval_config(step: dict):
+    """The composed config of an evaluation step (launch/evaluate.py's, without a Hydra run)."""
     sys.path.insert(0, ROOT)
     from hydra import compose, initialize_config_dir
 
-    from dsv3.config import ConfigError, validate
     from dsv3.config.store import register, to_config
-    from dsv3.parallel.mesh import pick_device
-    from dsv3.rl.evaluate import evaluate_checkpoint
-    from dsv3.rl.start import prepare_from_checkpoint
 
     register()
     with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
         # checkpoint.dir defaults to the Hydra run directory, which a composed config has not got
-        cfg = to_config(compose("config", overrides=[*step["command"][1:],
-                                                     f"checkpoint.dir={os.path.join(step['dir'], 'checkpoints')}"]))
+        return to_config(compose("config", overrides=[*step["command"][1:],
+                                                      f"checkpoint.dir={os.path.join(step['dir'], 'checkpoints')}"]))
+
+
+def check_evaluations(steps: list[dict]) -> None:
+    """Before any phase runs: the evaluations' held-out problems exist (else the chain would stop at its
+    end, after every phase had run). Their settings are the same for every phase: one check."""
+    ev = [s for s in steps if s["launcher"] == "evaluate"]
+    if not ev:
+        return
+    cfg = _eval_config(ev[0])
+    from dsv3.config import ConfigError
+    from dsv3.rl.config_rules import enough_problems
+
     try:
-        tokenizer = prepare_from_checkpoint(cfg)
+        enough_problems(cfg, "rl.eval_problems", "held_out", cfg.rl.eval_difficulties)
+    except ConfigError as e:
+        raise ChainError(f"evaluate: {e}") from None
+
+
+def _evaluate(step: dict) -> None:
+    """launch/evaluate.py's work on the composed config of this step, in this process."""
+    cfg = _eval_config(step)
+    from dsv3.config import ConfigError, validate
+    from dsv3.parallel.mesh import pick_device
+    from dsv3.rl.evaluate import evaluate_checkpoint, prepare_evaluation
+
+    try:
+        tokenizer = prepare_evaluation(cfg)
         validate(cfg, world_size=1, local_world_size=1)
     except ConfigError as e:
         raise ChainError(f"{step['name']}: {e}") from None
@@ -260,6 +281,7 @@ def main() -> None:
             for s in steps:
                 print(f"{s['name']}: {' '.join(s['command'][1:])}")
             return
+        check_evaluations(steps)
         os.makedirs(out, exist_ok=True)
         records = {}
         for i, s in enumerate(steps, start=1):

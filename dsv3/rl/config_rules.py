@@ -91,9 +91,10 @@ def enough_problems(cfg: Config, key: str, split: str, difficulties: list[int] |
         mixture(t.families, levels, split, n, t.seed, t.held_out_fraction)
     except NotEnoughProblems as e:
         share = -(-n // (len(t.families) * len(levels)))
+        levels_key = "rl.eval_difficulties" if difficulties else "tasks.difficulties"
         raise ConfigError(key, n, f"asks {share} {split} problems of {e.family} at difficulty {e.difficulty} "
                           f"(an equal share per family and difficulty), but only {e.found} exist: ask for fewer, "
-                          "or add harder difficulties (tasks.difficulties) or families (tasks.families)") from None
+                          f"or add harder difficulties ({levels_key}) or families (tasks.families)") from None
 
 
 def _get(cfg: Config, key: str):

@@ -43,10 +43,21 @@ def evaluate(generator: Generator, problems: list[Problem], params: SamplingPara
     return out
 
 
+def prepare_evaluation(cfg):
+    """What an evaluation does before loading weights: dsv3.rl.start.prepare_from_checkpoint (the config
+    completed from the checkpoint; returns the tokenizer), then the check that the held-out problems it
+    asks for exist (a ConfigError naming rl.eval_problems otherwise)."""
+    from dsv3.rl.config_rules import enough_problems
+    from dsv3.rl.start import prepare_from_checkpoint
+
+    tokenizer = prepare_from_checkpoint(cfg)
+    enough_problems(cfg, "rl.eval_problems", "held_out", cfg.rl.eval_difficulties)
+    return tokenizer
+
 
 def evaluate_checkpoint(cfg, tokenizer, device) -> dict:
     """Held-out accuracy of the checkpoint `cfg.checkpoint.init_from` (cfg and `tokenizer` as
-    dsv3.rl.start.prepare_from_checkpoint left them): `rl.eval_problems` problems of the held-out split of
+    prepare_evaluation left them): `rl.eval_problems` problems of the held-out split of
     `tasks.families` at `rl.eval_difficulties` (empty: `tasks.difficulties`), those a GRPO run with the same
     settings evaluates on; `rl.eval_samples` samples each at `rl.eval_temperature`, seeded by `train.seed`,
     in the template with the system prompt the checkpoint was trained with. Data parallel under torchrun."""

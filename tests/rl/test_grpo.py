@@ -262,3 +262,33 @@ def test_rejection_sampling_launcher_writes_sft_data(base_checkpoint, tmp_path):
     assert (run / "traces.jsonl").read_text() == ""
     gold = [json.loads(line) for line in (run / "traces.gold.jsonl").read_text().splitlines()]
     assert len(gold) == 4 and all("<answer>" in g["completion"] for g in gold)
+
+
+def test_evaluation_launcher_measures_the_held_out_problems_and_refuses_more_than_exist(base_checkpoint, tmp_path):
+    """launch/evaluate.py: eval.json over the held-out problems asked for, the same numbers as the evaluation
+    run in this process on the same config; asking for more held-out problems than a level has exits 2
+    with the key named, before any weight is loaded."""
+    from dsv3.rl.evaluate import evaluate_checkpoint, prepare_evaluation
+
+    run = tmp_path / "ev"
+    args = ["+experiment=grpo_arith_tiny", f"checkpoint.init_from={base_checkpoint}", "train.threads=1",
+            "rl.eval_problems=6", "rl.eval_samples=2", "rl.max_new_tokens=8"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), f"hydra.run.dir={run}", *args],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["problems"] == 6 and result["samples"] == 2 and result["difficulties"] == [1, 2]
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from dsv3.config.store import to_config
+
+    with initialize_config_dir(config_dir=f"{ROOT}/configs", version_base="1.3"):
+        cfg = to_config(hydra_compose("config", overrides=[*args, f"checkpoint.dir={tmp_path}/again"]))
+    here = evaluate_checkpoint(cfg, prepare_evaluation(cfg), torch.device("cpu"))
+    assert {k: here[k] for k in ("pass@1", "pass@2", "format", "mean_length")} == \
+        {k: result[k] for k in ("pass@1", "pass@2", "format", "mean_length")}
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "evaluate.py"), f"hydra.run.dir={run}_bad",
+                          *args[:-3], "rl.eval_problems=96"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 2 and "rl.eval_problems=96" in bad.stderr and "rl.eval_difficulties" in bad.stderr
+    assert not (tmp_path / "ev_bad" / "eval.json").exists()

@@ -97,3 +97,13 @@ def test_bad_chain_is_refused(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "r1.py"), "--chain", str(bad), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "init_from 'base' is not an earlier phase" in r.stderr
+
+
+def test_evaluations_asking_for_more_held_out_problems_than_exist_are_refused_before_any_phase(tmp_path):
+    # the default chain evaluates grpo_arith_tiny's levels 1 and 2; level 1 has 12 held-out problems
+    out = tmp_path / "o"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "r1.py"), "--out", str(out),
+                        "--set", "eval:rl.eval_problems=96"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "evaluate: invalid config: rl.eval_problems=96" in r.stderr and "rl.eval_difficulties" in r.stderr
+    assert not out.exists() and "running" not in r.stdout
