@@ -182,6 +182,8 @@ def main() -> None:
     parser.add_argument("--cost", action="append", default=[],
                         help="NAME=TIME_FILE: CPU a --series spent before its run (its data's sampling)")
     parser.add_argument("--cpu-plot", default=None, help="held-out pass@1 over CPU seconds")
+    parser.add_argument("--plot-run", action="append", default=[],
+                        help="a --grpo NAME drawn in --plot (default: all)")
     parser.add_argument("--cpu-run", action="append", default=[],
                         help="a --grpo NAME drawn in --cpu-plot (default: all; each needs a complete time.txt)")
     parser.add_argument("--window", type=int, default=20)
@@ -243,7 +245,8 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"window": w, "runs": summary}, f, indent=1)
     if args.plot and grpo_dirs:
-        plot(grpo_dirs, summary, w, args.plot, args.line)
+        shown = {name: d for name, d in grpo_dirs.items() if name in args.plot_run} if args.plot_run else grpo_dirs
+        plot(shown, summary, w, args.plot, args.line)
 
 
 if __name__ == "__main__":
