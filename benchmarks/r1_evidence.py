@@ -32,16 +32,21 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def run_time(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "time.txt")
+def read_time_file(path: str) -> dict:
+    """`/usr/bin/time -f "%e %U %S"`'s output: wall and CPU (user + system) seconds; {} while the run has
+    not ended (time writes when it does)."""
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
         fields = f.read().split()
-    if len(fields) < 3:  # the run has not ended yet (/usr/bin/time writes when it does)
+    if len(fields) < 3:
         return {}
     wall, user, system = (float(x) for x in fields[-3:])
     return {"wall_s": wall, "cpu_s": user + system}
+
+
+def run_time(run_dir: str) -> dict:
+    return read_time_file(os.path.join(run_dir, "time.txt"))
 
 
 def grpo_summary(run_dir: str, window: int) -> dict:
@@ -73,37 +78,44 @@ def eval_summary(run_dir: str) -> dict:
             "problems": e["problems"], "checkpoint": e.get("checkpoint"), **run_time(run_dir)}
 
 
-def cpu_at(run_dir: str, step: int) -> float:
-    """CPU seconds a run had spent by the end of `step` (its metrics' wall clock, scaled to its total CPU)."""
+def cpu_clock(run_dir: str):
+    """step -> CPU seconds the run had spent by the end of that step (its metrics' wall clock, scaled to
+    its total CPU); the run's files are read once."""
     rows = [m for m in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if "time" in m]
     total = run_time(run_dir).get("cpu_s")
     if total is None:
         raise SystemExit(f"{run_dir}: no complete time.txt, so no CPU time to charge")
-    at = max((m["time"] for m in rows if m["step"] <= step), default=0.0)
-    return total * at / max(m["time"] for m in rows)
+    end = max(m["time"] for m in rows)
+    return lambda step: total * max((m["time"] for m in rows if m["step"] <= step), default=0.0) / end
 
 
 def time_file_cpu(path: str) -> float:
-    with open(path) as f:
-        wall, user, system = (float(x) for x in f.read().split()[-3:])
-    return user + system
+    cpu = read_time_file(path).get("cpu_s")
+    if cpu is None:
+        raise SystemExit(f"{path}: not a complete /usr/bin/time file")
+    return cpu
 
 
 def series_summary(eval_dirs: list[str], extra_cpu: float) -> dict:
     """A control's evaluated checkpoints, each with the CPU spent to reach it."""
-    points = []
+    points, clocks, k = [], {}, None
     for d in eval_dirs:
         e = eval_summary(d)
+        k = e["k"]
         ckpt = e["checkpoint"].rstrip("/")
         step = int(os.path.basename(ckpt).split("_")[-1])
         run_dir = os.path.dirname(os.path.dirname(ckpt))
-        points.append({"step": step, "cpu_s": cpu_at(run_dir, step) + extra_cpu, "eval": d, **e["end"]})
+        if run_dir not in clocks:
+            clocks[run_dir] = cpu_clock(run_dir)
+        clock = clocks[run_dir]
+        points.append({"step": step, "cpu_s": clock(step) + extra_cpu, "eval": d, **e["end"]})
     points.sort(key=lambda p: p["cpu_s"])
-    return {"kind": "series", "k": eval_summary(eval_dirs[0])["k"], "extra_cpu_s": extra_cpu, "points": points}
+    return {"kind": "series", "k": k, "extra_cpu_s": extra_cpu, "points": points}
 
 
 def grpo_cpu_curve(run_dir: str, curve: list[dict]) -> list[dict]:
-    return [{**c, "cpu_s": cpu_at(run_dir, c["step"])} for c in curve]
+    clock = cpu_clock(run_dir)
+    return [{**c, "cpu_s": clock(c["step"])} for c in curve]
 
 
 def plot_cpu(summary: dict, grpo_dirs: dict[str, str], series: list[str], path: str) -> None:

@@ -44,4 +44,4 @@ def test_a_run_without_a_finished_time_file_is_refused(tmp_path):
     run = tmp_path / "grpo"
     write_run(run, {0: 1.0, 10: 20.0}, "")
     with pytest.raises(SystemExit, match="no complete time.txt"):
-        r1_evidence.cpu_at(str(run), 10)
+        r1_evidence.cpu_clock(str(run))
